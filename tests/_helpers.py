@@ -1,0 +1,53 @@
+"""Test helpers shared by several test modules (tests/ is on sys.path)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ARCHS = ("qwen3", "qwen3_moe", "llama", "deepseek_v3")
+
+
+def tiny_hf_config(arch: str, vocab_size: int = 320, num_layers: int = 4):
+    """A few-hundred-thousand-parameter config of each supported architecture."""
+    import transformers as tf
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=128, max_position_embeddings=256,
+        tie_word_embeddings=False, eos_token_id=0, pad_token_id=0, bos_token_id=0,
+    )
+    if arch == "qwen3":
+        return tf.Qwen3Config(**common, head_dim=16)
+    if arch == "qwen3_moe":
+        return tf.Qwen3MoeConfig(**common, head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                 moe_intermediate_size=32, norm_topk_prob=True)
+    if arch == "llama":
+        return tf.LlamaConfig(**common)
+    if arch == "deepseek_v3":
+        return tf.DeepseekV3Config(
+            **{**common, "num_key_value_heads": 4}, q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
+            qk_nope_head_dim=8, v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+            moe_intermediate_size=32, first_k_dense_replace=1, n_group=1, topk_group=1,
+        )
+    raise ValueError(arch)
+
+
+def save_tiny_checkpoint(arch: str, path: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_hf_config(arch))
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+
+def tiny_demo_config(**kw):
+    from dspark.platform.config import DemoTargetConfig
+
+    base = dict(vocab_size=400, hidden_size=64, num_layers=3, num_heads=2, num_kv_heads=1, head_dim=32,
+                intermediate_size=128, seq_len=64, batch_size=4, steps=12, warmup_steps=2, val_batches=2,
+                max_corpus_mb=0.6, max_position=512, threads=1)
+    base.update(kw)
+    return DemoTargetConfig(**base)

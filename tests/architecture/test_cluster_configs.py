@@ -1,0 +1,29 @@
+"""Every YAML file under clusters/ is validated by the schema it is written for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dspark.platform.config import DemoConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+# file (relative to clusters/) -> schema; a new YAML must be registered here to be validated
+SCHEMAS = {"demo.yaml": DemoConfig}
+
+
+def test_every_cluster_yaml_is_registered():
+    files = {p.relative_to(ROOT / "clusters").as_posix() for p in (ROOT / "clusters").rglob("*.y*ml")}
+    assert files == set(SCHEMAS), f"unregistered: {sorted(files - set(SCHEMAS))}"
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_cluster_yaml_validates(name):
+    cfg = load_config(SCHEMAS[name], ROOT / "clusters" / name)
+    assert cfg == load_config(SCHEMAS[name], ROOT / "clusters" / name)
+
+
+def test_demo_yaml_shows_the_defaults():
+    # the sample documents the defaults; it must not drift from them
+    assert load_config(DemoConfig, ROOT / "clusters" / "demo.yaml") == DemoConfig()
