@@ -151,9 +151,12 @@ class FrozenTarget:
         past_key_values: Any = None,
         use_cache: bool | None = None,
         logits_positions: slice | torch.Tensor | None = slice(None),
+        with_features: bool = True,
     ) -> TargetOutput:
         """One decoder pass; ``logits_positions`` selects which positions get logits
-        (``slice(-1, None)`` for the last only, ``None`` for none)."""
+        (``slice(-1, None)`` for the last only, ``None`` for none). ``with_features=False``
+        skips concatenating the hooked layers (plain decoding needs no drafter features);
+        ``features`` is then an empty ``[batch, seq, 0]`` tensor."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
         if use_cache is None:
@@ -166,12 +169,15 @@ class FrozenTarget:
             past_key_values=past_key_values,
             use_cache=use_cache,
         )
-        missing = [i for i in self.layer_ids if i not in self._captured]
-        if missing:
-            raise RuntimeError(f"feature hooks did not fire for layers {missing}")
-        features = torch.cat([self._captured[i] for i in self.layer_ids], dim=-1)  # [b, s, L*d]
-        self._captured.clear()
         last_hidden = out.last_hidden_state  # [b, s, d]
+        if with_features:
+            missing = [i for i in self.layer_ids if i not in self._captured]
+            if missing:
+                raise RuntimeError(f"feature hooks did not fire for layers {missing}")
+            features = torch.cat([self._captured[i] for i in self.layer_ids], dim=-1)  # [b, s, L*d]
+        else:
+            features = last_hidden.new_empty((*last_hidden.shape[:2], 0))
+        self._captured.clear()
         logits = None
         if logits_positions is not None:
             logits = self.lm_head(last_hidden[:, logits_positions])  # [b, s', V]

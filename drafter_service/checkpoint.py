@@ -1,0 +1,118 @@
+"""Drafter checkpoints: a directory with ``drafter_config.json`` and ``model.safetensors``.
+
+* ``drafter_config.json``: ``{"format": "dspark-drafter", "version": 1, "drafter": <DrafterConfig
+  fields>, "target": <identity of the target it was built for: model_type, vocab_size, hidden_size,
+  num_hidden_layers, layer_ids, mask_token_id>, "dims": <the drafter's LayerSpec>}``.
+* ``model.safetensors``: the trainable weights only. The frozen ``embed`` / ``lm_head`` copies are
+  not saved; :func:`load_drafter` re-copies them from the target.
+
+Only safetensors is ever read. Loading against a target that differs in vocabulary size, width,
+depth or feature layers raises :class:`DrafterLoadError` naming both values.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dspark.drafter_service.base import Drafter
+from dspark.drafter_service.layers import FROZEN_MODULES, target_identity
+from dspark.drafter_service.providers import DrafterBuildError
+from dspark.drafter_service.registry import build_drafter
+from dspark.platform.config import DrafterConfig
+
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "DrafterLoadError", "trainable_state_dict", "save_drafter", "load_drafter"]
+
+CONFIG_NAME = "drafter_config.json"
+WEIGHTS_NAME = "model.safetensors"
+_FORMAT, _VERSION = "dspark-drafter", 1
+#: target identity fields that must match for a checkpoint to load
+_MUST_MATCH = ("vocab_size", "hidden_size", "num_hidden_layers", "layer_ids")
+
+
+class DrafterLoadError(ValueError):
+    """A drafter checkpoint cannot be used with this target (message is meant for users)."""
+
+
+def trainable_state_dict(drafter: Drafter) -> dict[str, torch.Tensor]:
+    """The drafter's state without the frozen target copies (``embed.*``, ``lm_head.*``)."""
+    return {k: v for k, v in drafter.state_dict().items() if k.split(".", 1)[0] not in FROZEN_MODULES}
+
+
+def save_drafter(drafter: Drafter, path: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": _FORMAT,
+        "version": _VERSION,
+        "drafter": drafter.cfg.model_dump(mode="json"),
+        "target": {**drafter.identity, "mask_token_id": drafter.mask_token_id},
+        "dims": drafter.spec.to_dict(),
+    }
+    tensors = {k: v.detach().cpu().contiguous() for k, v in trainable_state_dict(drafter).items()}
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": _FORMAT})
+    (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def _read_meta(path: Path) -> dict:
+    cfg_file, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
+    if not cfg_file.is_file() or not weights.is_file():
+        pickled = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        hint = f" (found {', '.join(pickled)}: pickle weights are never loaded)" if pickled else ""
+        raise DrafterLoadError(f"{path} is not a drafter checkpoint: it needs {CONFIG_NAME} and {WEIGHTS_NAME}{hint}")
+    try:
+        meta = json.loads(cfg_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DrafterLoadError(f"cannot read {cfg_file}: {exc}") from None
+    if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
+        raise DrafterLoadError(
+            f"{cfg_file}: unsupported format {meta.get('format')!r} version {meta.get('version')!r} "
+            f"(expected {_FORMAT!r} version {_VERSION})"
+        )
+    return meta
+
+
+def load_drafter(path: str | Path, target: Any, mask_token_id: int | None = None) -> Drafter:
+    """Rebuild the drafter saved at ``path`` for ``target`` and load its trainable weights."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    ckpt = Path(path).expanduser()
+    meta = _read_meta(ckpt)
+    saved, have = meta["target"], target_identity(target)
+    for key in _MUST_MATCH:
+        if saved.get(key) != have[key]:
+            raise DrafterLoadError(
+                f"drafter checkpoint {ckpt} was built for a target with {key}={saved.get(key)}, "
+                f"but this target ({have['model_type']}) has {key}={have[key]}"
+            )
+    try:
+        cfg = DrafterConfig.model_validate(meta["drafter"])
+    except ValueError as exc:
+        raise DrafterLoadError(f"{ckpt / CONFIG_NAME}: invalid drafter config: {exc}") from None
+    stored_mask = saved.get("mask_token_id")
+    try:
+        drafter = build_drafter(cfg, target, mask_token_id if mask_token_id is not None else stored_mask)
+    except DrafterBuildError as exc:
+        raise DrafterLoadError(f"cannot rebuild the drafter saved at {ckpt}: {exc}") from None
+    if stored_mask is not None and drafter.mask_token_id != stored_mask:
+        raise DrafterLoadError(
+            f"drafter checkpoint {ckpt} was trained with mask_token_id={stored_mask}, but {drafter.mask_token_id} was given"
+        )
+    if drafter.spec.to_dict() != meta["dims"]:
+        raise DrafterLoadError(f"drafter checkpoint {ckpt} has layer dims {meta['dims']}, this target gives {drafter.spec.to_dict()}")
+    try:
+        state = load_file(str(ckpt / WEIGHTS_NAME), device=str(drafter.device))
+        missing, unexpected = drafter.load_state_dict(state, strict=False)
+    except (SafetensorError, RuntimeError, OSError) as exc:
+        raise DrafterLoadError(f"cannot load the weights in {ckpt / WEIGHTS_NAME}: {exc}") from None
+    missing = [k for k in missing if k.split(".", 1)[0] not in FROZEN_MODULES]
+    if missing or unexpected:
+        raise DrafterLoadError(f"{ckpt / WEIGHTS_NAME} does not match the drafter: missing {missing}, unexpected {unexpected}")
+    return drafter

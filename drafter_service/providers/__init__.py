@@ -1,0 +1,90 @@
+"""Drafter providers: DSpark/DFlash (:mod:`.dspark`), EAGLE-3-style (:mod:`.eagle3`) and MTP-1
+(:mod:`.mtp`), the last two on the shared autoregressive machinery of :mod:`.autoregressive`.
+
+This module holds what every provider shares: :class:`TargetBoundDrafter` (the drafter's config,
+layer shapes and target identity, the frozen embedding / LM head copies, device helpers) and
+:func:`sample_step` (one draft token per request with the request's own sampling parameters and
+generator, through :mod:`dspark.platform.sampling`, so ``p_d = logits_to_probs(logits, ...)``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from dspark.drafter_service.base import Drafter
+from dspark.drafter_service.layers import LayerSpec, frozen_embed_and_head, init_linear, target_identity
+from dspark.platform.config import DrafterConfig
+from dspark.platform.sampling import draw_exponentials, logits_to_probs, sample_from_probs
+
+if TYPE_CHECKING:
+    from dspark.platform.sampling import SamplingBatch
+
+__all__ = ["DrafterBuildError", "TargetBoundDrafter", "sample_step"]
+
+
+class DrafterBuildError(ValueError):
+    """A drafter cannot be built for this target (message is meant for users)."""
+
+
+def sample_step(
+    logits: torch.Tensor,  # [R, V] float32: corrected draft logits (before temperature)
+    sampling: "SamplingBatch",  # R requests
+) -> torch.Tensor:  # [R] int64
+    """Draw one token per request from ``logits_to_probs(logits, request params)``; greedy rows
+    (T = 0) get the argmax. Row r's noise comes from request r's generator only."""
+    assert logits.ndim == 2 and logits.shape[0] == len(sampling), (logits.shape, len(sampling))
+    probs = logits_to_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)
+    noise = draw_exponentials(sampling.generators, logits.shape[-1], device=logits.device)
+    return sample_from_probs(probs, noise)
+
+
+class TargetBoundDrafter(Drafter):
+    """Common state of every provider built for one target.
+
+    Subclasses build their trainable modules after ``super().__init__`` and then call
+    :meth:`_finalize`, which initialises them (normal(0, initializer_range)), moves them to the
+    target's device and dtype and attaches the frozen ``embed`` / ``lm_head`` copies.
+    """
+
+    mask_token_id: int | None = None
+
+    def __init__(self, cfg: DrafterConfig, target: Any):
+        super().__init__()
+        self.cfg = cfg
+        self.block_size = int(cfg.block_size)
+        self.spec = LayerSpec.from_hf_config(target.config)
+        self.identity = target_identity(target)
+        self.vocab_size = int(target.vocab_size)
+        if self.spec.hidden_size != target.hidden_size:
+            raise DrafterBuildError(f"config hidden_size {self.spec.hidden_size} != target width {target.hidden_size}")
+
+    def _finalize(self, target: Any) -> None:
+        init_linear(self, self.spec.init_std)
+        self.to(device=target.device, dtype=target.dtype)
+        self.embed, self.lm_head = frozen_embed_and_head(target)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @staticmethod
+    def _check_features(features: torch.Tensor, width: int) -> None:
+        """``features`` ``[R, n, L·d]`` must carry the target's hooked layers (a target run with
+        ``with_features=False`` gives width 0)."""
+        if features.ndim != 3 or features.shape[-1] != width:
+            raise ValueError(f"target features must be [R, n, {width}], got {list(features.shape)}")
+
+    @staticmethod
+    def _check_positions(positions: torch.Tensor, lengths: torch.Tensor) -> None:
+        """``positions`` must equal the slots' context lengths; checked only when it is on the
+        host (no device sync on the serving path)."""
+        if positions.device.type == "cpu" and not torch.equal(positions.to(torch.int64), lengths):
+            raise ValueError(
+                f"anchor positions {positions.tolist()} differ from the slots' context lengths {lengths.tolist()}"
+            )

@@ -1,0 +1,359 @@
+"""The verifier engine: a batched, continuously batching decoder over a frozen target that owns
+its KV state and verifies drafted blocks losslessly.
+
+One request's life (notation of the drafter interface: the *anchor* x_p is the newest token,
+emitted but not yet run through the target; p is its position = the slot's committed KV length):
+
+1. ``add_request`` queues it (length limits checked, bad input refused with the reason).
+2. Admission (start of a step, while slots are free): chunked prefill of the prompt into a free
+   slot; the target's distribution at the last prompt position gives the first token, which
+   becomes the anchor. The prompt's target features go to the drafter's context.
+3. Each step, for all running requests at once: the drafter proposes γ tokens; the verify-length
+   policy picks ℓ_r ≤ γ per request (0 allowed: plain decoding is the same path); one target
+   forward over every row's ``[anchor, d_1..d_ℓ]`` (ragged, right-padded); chain rejection sampling
+   (greedy = longest matching prefix + the target's token) emits ``a_r + 1`` tokens; the slot's KV
+   length becomes ``p + a_r + 1`` (rollback of rejected drafts is a length change) and the
+   committed tokens' features go to the drafter.
+4. Stop tokens, stop strings and ``max_tokens`` end it; its slot is freed and the running batch
+   compacted (the last slot moves into the hole), so every forward sees slots ``0..R-1``.
+
+The drafter is any object with the methods of ``dspark.drafter_service.base.Drafter`` (this
+package does not import the drafter service: in serving it may be a remote draft worker). If the
+drafter raises, the step falls back to plain decoding for every request (ℓ = 0) and counts it;
+output stays exact because plain decoding is the target's own sampling.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+
+from dspark.platform.contracts import GenerationRequest, RequestOutput, RequestStats, SamplingParams
+from dspark.platform.sampling import (
+    SamplingBatch,
+    draw_exponentials,
+    draw_uniforms,
+    greedy_verify,
+    logits_to_probs,
+    rejection_sample,
+    sample_from_probs,
+)
+from dspark.platform.target.loading import FrozenTarget
+from dspark.scheduler.policies import FixedPolicy, OffPolicy, VerifyPolicy, clip_lengths
+from dspark.verifier_service.kv_cache import SlotKVCache
+
+__all__ = ["RequestRejected", "VerifierEngine"]
+
+log = logging.getLogger(__name__)
+
+
+class RequestRejected(ValueError):
+    """The request cannot be served as asked (too long, unknown id, ...). Message is for users."""
+
+
+@dataclass
+class _Running:
+    request: GenerationRequest
+    generator: torch.Generator
+    anchor: int = -1  # newest emitted token, not yet in the target's KV
+    position: int = 0  # the anchor's position = committed KV length
+    generated: list[int] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None
+    steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    fallback_steps: int = 0
+    proposed_at: list[int] = field(default_factory=list)
+    accepted_at: list[int] = field(default_factory=list)
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    def stats(self) -> RequestStats:
+        return RequestStats(self.steps, self.drafted, self.accepted, tuple(self.proposed_at), tuple(self.accepted_at), self.fallback_steps)
+
+
+class VerifierEngine:
+    """Plain class (no Ray). ``drafter=None`` or an ``OffPolicy`` gives plain decoding."""
+
+    def __init__(
+        self,
+        target: FrozenTarget,
+        drafter: Any = None,
+        policy: VerifyPolicy | None = None,
+        *,
+        max_batch_size: int = 16,
+        max_model_len: int | None = None,
+        prefill_chunk: int = 256,
+        seed: int = 0,
+    ):
+        if max_batch_size < 1 or prefill_chunk < 1:
+            raise ValueError("max_batch_size and prefill_chunk must be >= 1")
+        self.target = target
+        self.drafter = drafter
+        self.policy: VerifyPolicy = policy if policy is not None else (FixedPolicy() if drafter is not None else OffPolicy())
+        self.gamma = int(getattr(drafter, "block_size", 0)) if drafter is not None else 0
+        limit = int(getattr(target.config, "max_position_embeddings", 0) or 0) or 4096
+        self.max_model_len = min(max_model_len or limit, limit)
+        self.max_batch_size = max_batch_size
+        self.prefill_chunk = prefill_chunk
+        self.vocab_size = target.vocab_size
+        self.device = target.device
+        self.cache = SlotKVCache(
+            target.num_layers, max_batch_size, self.max_model_len + self.gamma + 1, self.device, target.dtype
+        )
+        if drafter is not None:
+            drafter.allocate(max_batch_size, self.max_model_len + self.gamma + 1)
+        self._float_mask = getattr(target.config, "_attn_implementation", "sdpa") == "eager"
+        gen_cfg = getattr(target.model, "generation_config", None)
+        eos = getattr(gen_cfg, "eos_token_id", None)
+        if eos is None:
+            eos = getattr(target.config, "eos_token_id", None)
+        self.eos_token_ids: frozenset[int] = frozenset([eos] if isinstance(eos, int) else (eos or []))
+        self.tokenizer = target.tokenizer
+        self.seed = seed
+        self._seeded = 0
+        self.waiting: collections.deque[_Running] = collections.deque()
+        self.running: list[_Running] = []  # index in this list == slot
+        self.total_fallback_steps = 0
+
+    # ------------------------------------------------------------------ public API
+    def add_request(self, request: GenerationRequest) -> None:
+        n, p = len(request.prompt_token_ids), request.params
+        if n + p.max_tokens > self.max_model_len:
+            raise RequestRejected(
+                f"request {request.request_id!r}: prompt ({n} tokens) + max_tokens ({p.max_tokens}) "
+                f"exceeds the context length ({self.max_model_len})"
+            )
+        if max(request.prompt_token_ids) >= self.vocab_size:
+            raise RequestRejected(f"request {request.request_id!r}: token id {max(request.prompt_token_ids)} outside the vocabulary ({self.vocab_size})")
+        if p.stop and self.tokenizer is None:
+            raise RequestRejected("stop strings need a target loaded with its tokenizer")
+        if any(r.request.request_id == request.request_id for r in (*self.waiting, *self.running)):
+            raise RequestRejected(f"request id {request.request_id!r} is already in use")
+        seed = p.seed if p.seed is not None else (self.seed * 1_000_003 + self._seeded)
+        self._seeded += 1
+        self.waiting.append(_Running(request, torch.Generator(device="cpu").manual_seed(seed)))
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its slot; returns its last state (None if unknown)."""
+        for i, r in enumerate(self.waiting):
+            if r.request.request_id == request_id:
+                del self.waiting[i]
+                return self._finish_output(r, "abort", ())
+        for slot, r in enumerate(self.running):
+            if r.request.request_id == request_id:
+                out = self._finish_output(r, "abort", ())
+                self._free_slots([slot])
+                return out
+        return None
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def step(self) -> list[RequestOutput]:
+        """Admit what fits, then one verify step for every running request."""
+        outputs: list[RequestOutput] = []
+        done: list[int] = []
+        while self.waiting and len(self.running) < self.max_batch_size:
+            r = self.waiting.popleft()
+            slot = len(self.running)
+            self.running.append(r)
+            first = self._prefill(r, slot)
+            outputs.append(self._emit(r, [first]))
+            if r.finished:
+                done.append(slot)
+        self._free_slots(done)
+        if self.running:
+            outputs.extend(self._verify_step())
+        return outputs
+
+    def generate(self, requests: Iterable[GenerationRequest]) -> dict[str, RequestOutput]:
+        """Run requests to completion; returns the final output of each."""
+        for req in requests:
+            self.add_request(req)
+        final: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return final
+
+    # ------------------------------------------------------------------ internals
+    def _forward(self, start: int, ids: torch.Tensor, *, logits_positions, with_features: bool):
+        """One target forward of ``ids`` [R, q] for slots start..start+R-1 through the slot cache."""
+        R, q = ids.shape
+        self.cache.begin(start, R, q)
+        try:
+            return self.target(
+                ids.to(self.device),
+                position_ids=self.cache.positions(),
+                attention_mask=self.cache.attention_mask(as_float=self._float_mask),
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_positions=logits_positions,
+                with_features=with_features,
+            )
+        finally:
+            self.cache.end()
+
+    def _prefill(self, r: _Running, slot: int) -> int:
+        prompt = torch.tensor(r.request.prompt_token_ids, dtype=torch.long)
+        n = len(prompt)
+        self.cache.set_length(slot, 0)
+        if self.drafter is not None:
+            self.drafter.reset_slot(slot)
+        out = None
+        for start in range(0, n, self.prefill_chunk):
+            chunk = prompt[start : start + self.prefill_chunk]
+            last = start + len(chunk) == n
+            out = self._forward(slot, chunk[None], logits_positions=slice(-1, None) if last else None, with_features=self.drafter is not None)
+            self.cache.set_length(slot, start + len(chunk))
+            if self.drafter is not None:
+                self._append_context([slot], chunk[None], out, torch.tensor([len(chunk)]))
+        logits = out.logits[:, -1].float()  # [1, V]
+        batch = SamplingBatch.from_params([(r.params.temperature, r.params.top_k, r.params.top_p)], [r.generator])
+        probs = logits_to_probs(logits, batch.temperature, batch.top_k, batch.top_p)
+        token = int(sample_from_probs(probs, draw_exponentials([r.generator], self.vocab_size))[0])
+        r.position = n
+        r.anchor = token
+        return token
+
+    def _append_context(self, slots: list[int], tokens: torch.Tensor, out, lengths: torch.Tensor) -> None:
+        try:
+            self.drafter.append_context(torch.tensor(slots), tokens, out.features, out.last_hidden, lengths)
+        except Exception:  # a broken drafter must not fail requests; propose() will fall back too
+            log.exception("drafter.append_context failed")
+
+    def _sampling_batch(self) -> SamplingBatch:
+        return SamplingBatch.from_params(
+            [(r.params.temperature, r.params.top_k, r.params.top_p) for r in self.running], [r.generator for r in self.running]
+        )
+
+    def _verify_step(self) -> list[RequestOutput]:
+        R = len(self.running)
+        sampling = self._sampling_batch()
+        anchors = torch.tensor([r.anchor for r in self.running], dtype=torch.long)
+        positions = torch.tensor([r.position for r in self.running], dtype=torch.long)
+        block, lengths, fallback = None, [0] * R, False
+        if self.drafter is not None and not isinstance(self.policy, OffPolicy):
+            try:
+                block = self.drafter.propose(torch.arange(R), anchors, positions, sampling)
+                conf = block.confidences.float().cpu().numpy() if block.confidences is not None else None
+                lengths = self.policy(conf, self.gamma, R)
+            except Exception:
+                log.exception("drafter failed; this step decodes without drafts")
+                block, lengths, fallback = None, [0] * R, True
+                self.total_fallback_steps += 1
+        # never verify past max_tokens: the step emits ℓ_accepted + 1 tokens
+        lengths = clip_lengths(lengths, [r.params.max_tokens - len(r.generated) - 1 for r in self.running])
+        q = 1 + max(lengths)
+        ids = anchors[:, None].repeat(1, q)  # [R, q]; padding repeats the anchor (any valid id)
+        for i, l in enumerate(lengths):
+            if l:
+                ids[i, 1 : 1 + l] = block.tokens[i, :l].cpu()
+        want_features = self.drafter is not None
+        out = self._forward(0, ids, logits_positions=slice(None), with_features=want_features)
+        num_acc, emitted = self._accept(out.logits, block, lengths, sampling)
+
+        # commit: KV keeps [anchor, d_1..d_a]; the drafter gets their features
+        for i, r in enumerate(self.running):
+            self.cache.set_length(i, r.position + int(num_acc[i]) + 1)
+        if self.drafter is not None:
+            self._append_context(list(range(R)), ids[:, : int(num_acc.max()) + 1], out, num_acc + 1)
+
+        outputs, done = [], []
+        for i, r in enumerate(self.running):
+            a, l = int(num_acc[i]), lengths[i]
+            r.steps += 1
+            r.drafted += l
+            r.accepted += a
+            r.fallback_steps += int(fallback)
+            if len(r.proposed_at) < self.gamma:
+                r.proposed_at.extend([0] * (self.gamma - len(r.proposed_at)))
+                r.accepted_at.extend([0] * (self.gamma - len(r.accepted_at)))
+            for k in range(l):
+                r.proposed_at[k] += 1
+                r.accepted_at[k] += int(k < a)
+            new = emitted[i, : a + 1].tolist()
+            r.position += a + 1
+            r.anchor = new[-1]
+            outputs.append(self._emit(r, new))
+            if r.finished:
+                done.append(i)
+        self._free_slots(done)
+        return outputs
+
+    def _accept(self, logits: torch.Tensor, block, lengths: list[int], sampling: SamplingBatch):
+        """Rejection sampling over the ragged batch -> (num_accepted [R], emitted [R, max_ℓ+1])."""
+        R = len(lengths)
+        counts = torch.tensor(lengths, dtype=torch.long)
+        cu = torch.zeros(R + 1, dtype=torch.long)
+        cu[1:] = torch.cumsum(counts, 0)
+        rows = torch.cat([logits[i, : l + 1] for i, l in enumerate(lengths)]).float()  # [D+R, V]
+        if block is not None and cu[-1] > 0:
+            draft_tokens = torch.cat([block.tokens[i, :l] for i, l in enumerate(lengths)]).cpu()  # [D]
+        else:
+            draft_tokens = torch.zeros(0, dtype=torch.long)
+        if bool(sampling.greedy.all()):
+            return greedy_verify(draft_tokens, rows.argmax(-1).cpu(), cu)
+        per_row = sampling.repeat_interleave(counts + 1)
+        target_probs = logits_to_probs(rows, per_row.temperature, per_row.top_k, per_row.top_p)
+        if cu[-1] > 0:
+            draft_rows = torch.cat([block.logits[i, :l] for i, l in enumerate(lengths)]).float().to(rows.device)
+            per_draft = sampling.repeat_interleave(counts)
+            draft_probs = logits_to_probs(draft_rows, per_draft.temperature, per_draft.top_k, per_draft.top_p)
+        else:
+            draft_probs = rows.new_zeros((0, rows.shape[-1]))
+        uniforms = draw_uniforms(sampling.generators, lengths)
+        noise = draw_exponentials(sampling.generators, rows.shape[-1])
+        return rejection_sample(draft_tokens, draft_probs.cpu(), target_probs.cpu(), cu, uniforms, noise)
+
+    def _emit(self, r: _Running, new: list[int]) -> RequestOutput:
+        """Append ``new`` tokens one at a time, exactly as plain decoding would see them: the
+        first stop token, stop string or the ``max_tokens``-th token ends the request and the
+        rest of the block is dropped, so speculation never emits more than plain decoding."""
+        p = r.params
+        stops = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
+        window = max((len(s) for s in p.stop), default=0) + 4  # tokens of text tail to search
+        kept: list[int] = []
+        for t in new:
+            kept.append(t)
+            r.generated.append(t)
+            if t in stops:
+                r.finished, r.finish_reason = True, "stop"
+            elif p.stop and any(s in self.tokenizer.decode(r.generated[-window:], skip_special_tokens=True) for s in p.stop):
+                r.finished, r.finish_reason = True, "stop"
+            elif len(r.generated) >= p.max_tokens:
+                r.finished, r.finish_reason = True, "length"
+            if r.finished:
+                break
+        return RequestOutput(r.request.request_id, tuple(kept), tuple(r.generated), r.finished, r.finish_reason, r.stats())
+
+    def _finish_output(self, r: _Running, reason: str, new: tuple[int, ...]) -> RequestOutput:
+        r.finished, r.finish_reason = True, reason
+        return RequestOutput(r.request.request_id, new, tuple(r.generated), True, reason, r.stats())
+
+    def _free_slots(self, slots: list[int]) -> None:
+        """Remove finished requests and keep the running ones compacted in slots 0..R-1."""
+        for slot in sorted(slots, reverse=True):
+            last = len(self.running) - 1
+            if slot != last:
+                self.cache.move_slot(last, slot)
+                if self.drafter is not None:
+                    self.drafter.move_slot(last, slot)
+                self.running[slot] = self.running[last]
+            self.running.pop()
+            self.cache.set_length(last, 0)
+            if self.drafter is not None:
+                self.drafter.reset_slot(last)
