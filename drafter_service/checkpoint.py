@@ -3,8 +3,11 @@
 * ``drafter_config.json``: ``{"format": "dspark-drafter", "version": 1, "drafter": <DrafterConfig
   fields>, "target": <identity of the target it was built for: model_type, vocab_size, hidden_size,
   num_hidden_layers, layer_ids, mask_token_id>, "dims": <the drafter's LayerSpec>}``.
-* ``model.safetensors``: the trainable weights only. The frozen ``embed`` / ``lm_head`` copies are
-  not saved; :func:`load_drafter` re-copies them from the target.
+* ``model.safetensors``: the trainable weights only, plus the ``confidence_temperature`` buffer
+  ``[γ]`` (Sequential Temperature Scaling; :func:`save_confidence_temperature` rewrites just that
+  entry). The frozen ``embed`` / ``lm_head`` copies are not saved; :func:`load_drafter` re-copies
+  them from the target. A checkpoint written before calibration existed has no temperatures and
+  loads with ones; any other missing or unexpected entry is refused.
 
 Only safetensors is ever read. Loading against a target that differs in vocabulary size, width,
 depth or feature layers raises :class:`DrafterLoadError` naming both values.
@@ -24,11 +27,22 @@ from dspark.drafter_service.providers import DrafterBuildError
 from dspark.drafter_service.registry import build_drafter
 from dspark.platform.config import DrafterConfig
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "DrafterLoadError", "trainable_state_dict", "save_drafter", "load_drafter"]
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "TEMPERATURE_KEY",
+    "DrafterLoadError",
+    "trainable_state_dict",
+    "save_drafter",
+    "load_drafter",
+    "save_confidence_temperature",
+]
 
 CONFIG_NAME = "drafter_config.json"
 WEIGHTS_NAME = "model.safetensors"
 _FORMAT, _VERSION = "dspark-drafter", 1
+#: the STS temperatures in model.safetensors (optional: absent = ones)
+TEMPERATURE_KEY = "confidence_temperature"
 #: target identity fields that must match for a checkpoint to load
 _MUST_MATCH = ("vocab_size", "hidden_size", "num_hidden_layers", "layer_ids")
 
@@ -112,7 +126,36 @@ def load_drafter(path: str | Path, target: Any, mask_token_id: int | None = None
         missing, unexpected = drafter.load_state_dict(state, strict=False)
     except (SafetensorError, RuntimeError, OSError) as exc:
         raise DrafterLoadError(f"cannot load the weights in {ckpt / WEIGHTS_NAME}: {exc}") from None
-    missing = [k for k in missing if k.split(".", 1)[0] not in FROZEN_MODULES]
+    missing = [k for k in missing if k.split(".", 1)[0] not in FROZEN_MODULES and k != TEMPERATURE_KEY]
     if missing or unexpected:
         raise DrafterLoadError(f"{ckpt / WEIGHTS_NAME} does not match the drafter: missing {missing}, unexpected {unexpected}")
+    temps = getattr(drafter, TEMPERATURE_KEY, None)
+    if temps is not None and not bool(torch.isfinite(temps).all() and (temps > 0).all()):
+        raise DrafterLoadError(f"{ckpt / WEIGHTS_NAME}: confidence temperatures must be positive and finite, got {temps.tolist()}")
     return drafter
+
+
+def save_confidence_temperature(path: str | Path, temperatures: Any) -> Path:
+    """Write STS temperatures ``[γ]`` into the checkpoint at ``path``, leaving every other tensor
+    byte-for-byte as it was (no dtype round trip through a loaded drafter). The file is replaced
+    atomically."""
+    import os
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    ckpt = Path(path).expanduser()
+    meta = _read_meta(ckpt)
+    block = int(meta["drafter"].get("block_size", 0))
+    t = torch.as_tensor(temperatures, dtype=torch.float32).reshape(-1).contiguous()
+    if t.numel() != block or not bool(torch.isfinite(t).all() and (t > 0).all()):
+        raise DrafterLoadError(f"need {block} positive finite confidence temperatures for {ckpt}, got {t.tolist()}")
+    weights = ckpt / WEIGHTS_NAME
+    with safe_open(str(weights), framework="pt") as fh:
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        file_meta = fh.metadata()
+    tensors[TEMPERATURE_KEY] = t
+    tmp = weights.with_name(weights.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=file_meta)
+    os.replace(tmp, weights)
+    return weights

@@ -28,6 +28,7 @@ __all__ = [
     "DrafterConfig",
     "DemoTargetConfig",
     "GenerateConfig",
+    "EngineConfig",
     "DemoConfig",
     "load_config",
     "validate_config",
@@ -188,6 +189,17 @@ class GenerateConfig(StrictModel):
     seed: int = Field(0, ge=0, description="Sampling seed.")
 
 
+class EngineConfig(StrictModel):
+    """The verifier engine's batching and memory limits."""
+
+    max_batch_size: int = Field(16, ge=1, le=4096, description="Requests decoded together (KV slots).")
+    max_model_len: int | None = Field(
+        None, ge=2, description="Prompt + generated tokens per request; None = the target's position limit."
+    )
+    prefill_chunk: int = Field(256, ge=1, le=65536, description="Prompt tokens per prefill forward.")
+    seed: int = Field(0, ge=0, description="Seeds requests that bring no seed of their own.")
+
+
 class DemoConfig(StrictModel):
     """What `dspark demo` runs on the embedded default."""
 
@@ -196,6 +208,8 @@ class DemoConfig(StrictModel):
         default_factory=DemoTargetConfig, description="How the demo target is built when target.path is 'demo'."
     )
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="The completion to run.")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="The verifier engine.")
+    drafter: DrafterConfig = Field(default_factory=DrafterConfig, description="The drafter's shape.")
 
 
 # ---------------------------------------------------------------------------------------------

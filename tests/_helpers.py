@@ -42,6 +42,23 @@ def save_tiny_checkpoint(arch: str, path: Path, seed: int = 0) -> Path:
     return path
 
 
+def hf_greedy(target, prompt: list[int], n: int) -> list[int]:
+    """The target's own ``generate(do_sample=False)`` continuation (no stop token)."""
+    import torch
+
+    ids = torch.tensor([prompt])
+    out = target.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                pad_token_id=0, eos_token_id=None)
+    return out[0, len(prompt):].tolist()
+
+
+def prompts(vocab: int, lengths, seed: int = 0) -> list[list[int]]:
+    """Random prompts of the given lengths (ids >= 2, clear of the special tokens)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, vocab, (n,), generator=g).tolist() for n in lengths]
+
 
 def tiny_demo_config(**kw):
     from dspark.platform.config import DemoTargetConfig
@@ -51,3 +68,44 @@ def tiny_demo_config(**kw):
                 max_corpus_mb=0.6, max_position=512, threads=1)
     base.update(kw)
     return DemoTargetConfig(**base)
+
+
+# -- drafters -------------------------------------------------------------------------------
+MASK_ID = 5  # the random tiny checkpoints have no tokenizer: the mask id is passed explicitly
+
+#: (test id, DrafterConfig fields) for every kind; dspark once per Markov head variant
+KINDS = [
+    ("dspark-vanilla", dict(kind="dspark", markov_head_type="vanilla")),
+    ("dspark-gated", dict(kind="dspark", markov_head_type="gated")),
+    ("dspark-rnn", dict(kind="dspark", markov_head_type="rnn")),
+    ("dflash", dict(kind="dflash", markov_rank=0)),
+    ("eagle3", dict(kind="eagle3")),
+    ("mtp1", dict(kind="mtp1")),
+]
+KIND_IDS = [k for k, _ in KINDS]
+BLOCK_KINDS = KIND_IDS[:4]
+
+
+def drafter_config(kind_id: str, **over):
+    from dspark.platform.config import DrafterConfig
+
+    base = dict(block_size=4, num_layers=2, markov_rank=16)
+    base.update(dict(KINDS)[kind_id])
+    base.update(over)
+    return DrafterConfig(**base)
+
+
+def randomize(drafter: torch.nn.Module, seed: int = 0, std: float = 0.15) -> None:
+    """Redraw every trainable parameter (norm gains around 1)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in drafter.named_parameters():
+            if not p.requires_grad:
+                continue
+            noise = torch.randn(p.shape, generator=g).to(p.dtype)
+            if "norm." in name:
+                p.copy_(1.0 + 0.1 * noise)
+            else:
+                p.copy_(std * noise)

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import collections
 import logging
+import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
@@ -46,7 +47,7 @@ from dspark.platform.target.loading import FrozenTarget
 from dspark.scheduler.policies import FixedPolicy, OffPolicy, VerifyPolicy, clip_lengths
 from dspark.verifier_service.kv_cache import SlotKVCache
 
-__all__ = ["RequestRejected", "VerifierEngine"]
+__all__ = ["EngineTimings", "RequestRejected", "StepRecord", "VerifierEngine"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class _Running:
     drafted: int = 0
     accepted: int = 0
     fallback_steps: int = 0
+    drafting: bool = True  # False once the drafter lost this request's context: plain decoding from then on
     proposed_at: list[int] = field(default_factory=list)
     accepted_at: list[int] = field(default_factory=list)
 
@@ -77,6 +79,48 @@ class _Running:
 
     def stats(self) -> RequestStats:
         return RequestStats(self.steps, self.drafted, self.accepted, tuple(self.proposed_at), tuple(self.accepted_at), self.fallback_steps)
+
+
+@dataclass
+class EngineTimings:
+    """Wall time the engine spent per phase (seconds; the device is synchronised at phase ends,
+    so on GPU these are real durations, not launch times) and how many of each it ran."""
+
+    prefill_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0  # target forward + acceptance + commit
+    prefills: int = 0  # batched prefill calls
+    steps: int = 0  # verify steps
+    tokens: int = 0  # tokens emitted
+
+    def per_step_ms(self) -> tuple[float, float]:
+        """(draft ms, verify ms) per verify step."""
+        n = max(self.steps, 1)
+        return 1e3 * self.draft_s / n, 1e3 * self.verify_s / n
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one verify step decided, for evaluation and calibration (``observer`` hook).
+    Row r: request ``request_ids[r]`` verified ``lengths[r]`` drafts and accepted ``accepted[r]``."""
+
+    request_ids: tuple[str, ...]
+    lengths: tuple[int, ...]  # ℓ_r after policy and max_tokens clipping
+    accepted: tuple[int, ...]  # a_r <= ℓ_r
+    confidences: Any  # [R, γ] float numpy array of the drafter's confidences, or None
+    fallback: bool  # the drafter failed this step (ℓ = 0 for all)
+
+
+def _scatter_block(block, rows: list[int], R: int):
+    """A DraftBlock of ``len(rows)`` requests placed at ``rows`` of an R-row block (other rows zero)."""
+    def scatter(x):
+        if x is None:
+            return None
+        full = x.new_zeros((R, *x.shape[1:]))
+        full[rows] = x
+        return full
+
+    return type(block)(scatter(block.tokens), scatter(block.logits), scatter(block.confidences))
 
 
 class VerifierEngine:
@@ -92,6 +136,7 @@ class VerifierEngine:
         max_model_len: int | None = None,
         prefill_chunk: int = 256,
         seed: int = 0,
+        observer: Callable[[StepRecord], None] | None = None,
     ):
         if max_batch_size < 1 or prefill_chunk < 1:
             raise ValueError("max_batch_size and prefill_chunk must be >= 1")
@@ -122,6 +167,14 @@ class VerifierEngine:
         self.waiting: collections.deque[_Running] = collections.deque()
         self.running: list[_Running] = []  # index in this list == slot
         self.total_fallback_steps = 0
+        self.context_failures = 0  # append_context failures (those requests stopped drafting)
+        self.timings = EngineTimings()
+        self.observer = observer
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     # ------------------------------------------------------------------ public API
     def add_request(self, request: GenerationRequest) -> None:
@@ -162,18 +215,27 @@ class VerifierEngine:
         return len(self.running)
 
     def step(self) -> list[RequestOutput]:
-        """Admit what fits, then one verify step for every running request."""
+        """Admit what fits (one batched prefill), then one verify step for every running request."""
         outputs: list[RequestOutput] = []
-        done: list[int] = []
-        while self.waiting and len(self.running) < self.max_batch_size:
-            r = self.waiting.popleft()
-            slot = len(self.running)
-            self.running.append(r)
-            first = self._prefill(r, slot)
-            outputs.append(self._emit(r, [first]))
-            if r.finished:
-                done.append(slot)
-        self._free_slots(done)
+        admitted: list[_Running] = []
+        while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
+            admitted.append(self.waiting.popleft())
+        if admitted:
+            # longest prompt first: the rows still prefilling in any chunk are then a contiguous
+            # run of slots starting at the first new one
+            admitted.sort(key=lambda r: -len(r.request.prompt_token_ids))
+            start = len(self.running)
+            self.running.extend(admitted)
+            t0 = self._now()
+            firsts = self._prefill(start, admitted)
+            self.timings.prefill_s += self._now() - t0
+            self.timings.prefills += 1
+            done = []
+            for i, r in enumerate(admitted):
+                outputs.append(self._emit(r, [firsts[i]]))
+                if r.finished:
+                    done.append(start + i)
+            self._free_slots(done)
         if self.running:
             outputs.extend(self._verify_step())
         return outputs
@@ -207,33 +269,54 @@ class VerifierEngine:
         finally:
             self.cache.end()
 
-    def _prefill(self, r: _Running, slot: int) -> int:
-        prompt = torch.tensor(r.request.prompt_token_ids, dtype=torch.long)
-        n = len(prompt)
-        self.cache.set_length(slot, 0)
-        if self.drafter is not None:
-            self.drafter.reset_slot(slot)
-        out = None
-        for start in range(0, n, self.prefill_chunk):
-            chunk = prompt[start : start + self.prefill_chunk]
-            last = start + len(chunk) == n
-            out = self._forward(slot, chunk[None], logits_positions=slice(-1, None) if last else None, with_features=self.drafter is not None)
-            self.cache.set_length(slot, start + len(chunk))
+    def _prefill(self, start: int, rs: list[_Running]) -> list[int]:
+        """Chunked prefill of ``rs`` (longest prompt first) into slots ``start..start+len-1`` in
+        one forward per chunk; returns each request's first token, sampled from the target."""
+        lens = [len(r.request.prompt_token_ids) for r in rs]
+        with_features = self.drafter is not None
+        for i in range(len(rs)):
+            self.cache.set_length(start + i, 0)
             if self.drafter is not None:
-                self._append_context([slot], chunk[None], out, torch.tensor([len(chunk)]))
-        logits = out.logits[:, -1].float()  # [1, V]
-        batch = SamplingBatch.from_params([(r.params.temperature, r.params.top_k, r.params.top_p)], [r.generator])
+                self.drafter.reset_slot(start + i)
+        last_hidden: list[torch.Tensor | None] = [None] * len(rs)
+        for c0 in range(0, lens[0], self.prefill_chunk):
+            rows = sum(n > c0 for n in lens)  # a prefix of rs, as lens is descending
+            q = min(self.prefill_chunk, lens[0] - c0)
+            ids = torch.zeros((rows, q), dtype=torch.long)  # [rows, q] right-padded with token 0
+            take = torch.tensor([min(q, lens[i] - c0) for i in range(rows)])  # [rows]
+            for i in range(rows):
+                ids[i, : take[i]] = torch.tensor(rs[i].request.prompt_token_ids[c0 : c0 + int(take[i])])
+            out = self._forward(start, ids, logits_positions=None, with_features=with_features)
+            for i in range(rows):
+                self.cache.set_length(start + i, c0 + int(take[i]))
+                if lens[i] <= c0 + q:
+                    last_hidden[i] = out.last_hidden[i, int(take[i]) - 1]
+            if self.drafter is not None:
+                self._append_context(list(range(start, start + rows)), ids, out, take)
+        logits = self.target.lm_head(torch.stack(last_hidden)).float()  # [n, V]
+        batch = SamplingBatch.from_params([(r.params.temperature, r.params.top_k, r.params.top_p) for r in rs], [r.generator for r in rs])
         probs = logits_to_probs(logits, batch.temperature, batch.top_k, batch.top_p)
-        token = int(sample_from_probs(probs, draw_exponentials([r.generator], self.vocab_size))[0])
-        r.position = n
-        r.anchor = token
-        return token
+        tokens = sample_from_probs(probs, draw_exponentials(batch.generators, self.vocab_size, probs.device)).tolist()
+        for r, n, t in zip(rs, lens, tokens):
+            r.position, r.anchor = n, int(t)
+        return [int(t) for t in tokens]
 
     def _append_context(self, slots: list[int], tokens: torch.Tensor, out, lengths: torch.Tensor) -> None:
+        """Give the drafter the committed ``tokens`` [n, k] of ``slots`` with their target features.
+        If it fails, those requests stop drafting (their context would be out of step) and decode
+        plainly from here on; output is unaffected."""
+        k = tokens.shape[1]
         try:
-            self.drafter.append_context(torch.tensor(slots), tokens, out.features, out.last_hidden, lengths)
-        except Exception:  # a broken drafter must not fail requests; propose() will fall back too
-            log.exception("drafter.append_context failed")
+            self.drafter.append_context(torch.tensor(slots), tokens, out.features[:, :k], out.last_hidden[:, :k], lengths)
+        except Exception:
+            log.exception("drafter.append_context failed; %d request(s) continue without drafts", len(slots))
+            self.context_failures += 1
+            for slot in slots:
+                self.running[slot].drafting = False
+                try:
+                    self.drafter.reset_slot(slot)
+                except Exception:
+                    log.exception("drafter.reset_slot failed")
 
     def _sampling_batch(self) -> SamplingBatch:
         return SamplingBatch.from_params(
@@ -245,18 +328,24 @@ class VerifierEngine:
         sampling = self._sampling_batch()
         anchors = torch.tensor([r.anchor for r in self.running], dtype=torch.long)
         positions = torch.tensor([r.position for r in self.running], dtype=torch.long)
-        block, lengths, fallback = None, [0] * R, False
-        if self.drafter is not None and not isinstance(self.policy, OffPolicy):
+        block, lengths, fallback, conf = None, [0] * R, False, None
+        t0 = self._now()
+        rows = [i for i, r in enumerate(self.running) if r.drafting]  # requests whose drafter context is intact
+        if self.drafter is not None and not isinstance(self.policy, OffPolicy) and rows:
             try:
-                block = self.drafter.propose(torch.arange(R), anchors, positions, sampling)
+                block = self.drafter.propose(torch.tensor(rows), anchors[rows], positions[rows], sampling.select(rows))
+                if len(rows) < R:  # scatter to all R rows; the others verify nothing
+                    block = _scatter_block(block, rows, R)
                 conf = block.confidences.float().cpu().numpy() if block.confidences is not None else None
                 lengths = self.policy(conf, self.gamma, R)
+                lengths = [l if r.drafting else 0 for l, r in zip(lengths, self.running)]
             except Exception:
                 log.exception("drafter failed; this step decodes without drafts")
-                block, lengths, fallback = None, [0] * R, True
+                block, lengths, fallback, conf = None, [0] * R, True, None
                 self.total_fallback_steps += 1
         # never verify past max_tokens: the step emits ℓ_accepted + 1 tokens
         lengths = clip_lengths(lengths, [r.params.max_tokens - len(r.generated) - 1 for r in self.running])
+        t1 = self._now()
         q = 1 + max(lengths)
         ids = anchors[:, None].repeat(1, q)  # [R, q]; padding repeats the anchor (any valid id)
         for i, l in enumerate(lengths):
@@ -269,8 +358,17 @@ class VerifierEngine:
         # commit: KV keeps [anchor, d_1..d_a]; the drafter gets their features
         for i, r in enumerate(self.running):
             self.cache.set_length(i, r.position + int(num_acc[i]) + 1)
-        if self.drafter is not None:
-            self._append_context(list(range(R)), ids[:, : int(num_acc.max()) + 1], out, num_acc + 1)
+        if self.drafter is not None and rows:
+            k = int(num_acc[rows].max()) + 1
+            feats = out if len(rows) == R else type(out)(out.features[rows], out.last_hidden[rows], None, None)
+            self._append_context(rows, ids[rows, :k], feats, num_acc[rows] + 1)
+        t2 = self._now()
+        self.timings.draft_s += t1 - t0
+        self.timings.verify_s += t2 - t1
+        self.timings.steps += 1
+        if self.observer is not None:
+            self.observer(StepRecord(tuple(r.request.request_id for r in self.running), tuple(lengths),
+                                     tuple(int(a) for a in num_acc), conf, fallback))
 
         outputs, done = [], []
         for i, r in enumerate(self.running):
@@ -338,6 +436,7 @@ class VerifierEngine:
                 r.finished, r.finish_reason = True, "length"
             if r.finished:
                 break
+        self.timings.tokens += len(kept)
         return RequestOutput(r.request.request_id, tuple(kept), tuple(r.generated), r.finished, r.finish_reason, r.stats())
 
     def _finish_output(self, r: _Running, reason: str, new: tuple[int, ...]) -> RequestOutput:

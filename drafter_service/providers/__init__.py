@@ -54,6 +54,9 @@ class TargetBoundDrafter(Drafter):
         super().__init__()
         self.cfg = cfg
         self.block_size = int(cfg.block_size)
+        # STS temperatures T_k of the confidence head (ones = uncalibrated); a persistent buffer,
+        # so it travels in the checkpoint with the weights (see calibrated_confidence)
+        self.register_buffer("confidence_temperature", torch.ones(self.block_size, dtype=torch.float32))
         self.spec = LayerSpec.from_hf_config(target.config)
         self.identity = target_identity(target)
         self.vocab_size = int(target.vocab_size)
@@ -63,7 +66,25 @@ class TargetBoundDrafter(Drafter):
     def _finalize(self, target: Any) -> None:
         init_linear(self, self.spec.init_std)
         self.to(device=target.device, dtype=target.dtype)
+        self.confidence_temperature = self.confidence_temperature.float()  # T_k stays float32 in bf16 drafters
         self.embed, self.lm_head = frozen_embed_and_head(target)
+
+    def calibrated_confidence(
+        self,
+        logits: torch.Tensor,  # [R] float32: confidence-head logits z_k of block position k
+        k: int,  # 0-based block position
+    ) -> torch.Tensor:  # [R] float32 c_k = σ(z_k / T_k)
+        """Sequential Temperature Scaling (DSpark paper §3.2.1): the head's logit divided by the
+        position's fitted temperature (``confidence_temperature``, ones until ``dspark calibrate``
+        fits it), so every consumer of ``DraftBlock.confidences`` sees calibrated values."""
+        return torch.sigmoid(logits.float() / self.confidence_temperature[k])
+
+    def set_confidence_temperature(self, temperatures) -> None:
+        """Install STS temperatures (a sequence or tensor of γ positive finite floats)."""
+        t = torch.as_tensor(temperatures, dtype=torch.float32).reshape(-1)
+        if t.numel() != self.block_size or not bool(torch.isfinite(t).all() and (t > 0).all()):
+            raise ValueError(f"need {self.block_size} positive finite confidence temperatures, got {t.tolist()}")
+        self.confidence_temperature.copy_(t.to(self.confidence_temperature.device))
 
     @property
     def device(self) -> torch.device:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from dspark.drafter_service.base import DraftBlock
+from dspark.drafter_service.base import DraftBlock, TrainOutputs, check_train_inputs
 from dspark.drafter_service.layers import ContextKV, DecoderLayer, RMSNorm, rope_cos_sin
 from dspark.drafter_service.markov import ConfidenceHead
 from dspark.drafter_service.providers import TargetBoundDrafter, sample_step
@@ -179,10 +179,49 @@ class AutoregressiveDrafter(TargetBoundDrafter):
             h = self.norm(o[:, 0])
             step = self.lm_head(h).float()  # [R, V]
             if self.confidence is not None:
-                conf.append(torch.sigmoid(self.confidence(h)))
+                conf.append(self.calibrated_confidence(self.confidence(h), j))
             tok = sample_step(step, sampling)
             tokens.append(tok)
             logits.append(step)
             feat = o[:, 0]
         confidences = torch.stack(conf, dim=1) if conf else None
         return DraftBlock(torch.stack(tokens, dim=1), torch.stack(logits, dim=1), confidences)
+
+    # -- training -------------------------------------------------------------------------------
+    def train_forward(self, input_ids, features, last_hidden, anchors, keep, labels, *, detach_confidence=False):
+        """The training-time test, unrolled as ``propose`` runs it, for all anchors at once.
+
+        Step 1 is one causal pass over the sequence's pairs: pair j = (f_{j−1}, x_j) at position
+        j−1, with j = 0 the empty-context pair (f_{−1} = 0), which only sees itself — so pair p is
+        step 1 of the block at anchor p. Step k > 1 of that block is (o_{k−1}, labels_{k−1}) at
+        position p−2+k and sees pairs 1..p (pair 0 alone when p = 0) plus the block's own earlier
+        steps, never another block's. ``keep`` is not needed.
+        """
+        check_train_inputs(input_ids, features, last_hidden, anchors, keep, labels, self.block_size)
+        (b, s), a, g, dev = input_ids.shape, anchors.shape[1], self.block_size, self.device
+        ids, anchors, labels = input_ids.to(dev), anchors.to(dev, torch.int64), labels.to(dev)
+        f = self.context_feature(features.to(dev, self.dtype), last_hidden.to(dev, self.dtype))  # [B, S, d]
+        u = self.pair_input(torch.cat([torch.zeros_like(f[:, :1]), f[:, :-1]], dim=1), self.embed(ids))  # [B, S, d]
+        pos = (torch.arange(s, device=dev) - 1).expand(b, s)  # [B, S]
+        j = torch.arange(s, device=dev)
+        causal = (j[None] <= j[:, None]) & ((j[None] >= 1) | (j[None] == j[:, None]))  # [S (query), S (key)]
+        o = self.layer(u, *self._rope(pos), None, causal.expand(b, 1, s, s))  # [B, S, d]
+        keys, values = self.pair_kv(u, pos)  # [B, kv_heads, S, hd]
+        feat = o.gather(1, anchors[..., None].expand(-1, -1, o.shape[-1]))  # [B, A, d] o_1 of each block
+        outs = [feat]
+        seen = (j <= anchors[..., None]) & ((j >= 1) | (anchors[..., None] == 0))  # [B, A, S]
+        own = torch.eye(a, dtype=torch.bool, device=dev).expand(b, a, a)  # [B, A, A]
+        for k in range(1, g):
+            u_k = self.pair_input(feat, self.embed(labels[:, :, k - 1]))  # [B, A, d]
+            pos_k = anchors - 1 + k  # [B, A]
+            mask = torch.cat([seen] + [own] * k, dim=-1)[:, None]  # [B, 1, A, S + k·A]
+            feat = self.layer(u_k, *self._rope(pos_k), (keys, values), mask)  # [B, A, d]
+            k_k, v_k = self.pair_kv(u_k, pos_k)
+            keys, values = torch.cat([keys, k_k], dim=2), torch.cat([values, v_k], dim=2)
+            outs.append(feat)
+        h = self.norm(torch.stack(outs, dim=2))  # [B, A, γ, d]
+        logits = self.lm_head(h).float()  # [B, A, γ, V]
+        conf = None
+        if self.confidence is not None:
+            conf = self.confidence(h.detach() if detach_confidence else h)  # [B, A, γ]
+        return TrainOutputs(logits, conf)

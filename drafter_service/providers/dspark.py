@@ -12,7 +12,8 @@ and anchor x_p (position p, not yet run by the target):
    block (:func:`block_attention_mask`). Final norm → h_k, base logits U_k = lm_head(h_k).
    Slot k (1-based) predicts the token at position p+k.
 3. Sequential head, left to right: logits_k = U_k + B_k(d_{k−1}) (d_0 = x_p), d_k sampled from
-   ``logits_to_probs(logits_k, request params)``, confidence c_k = σ(conf([h_k ; W1[d_{k−1}]])).
+   ``logits_to_probs(logits_k, request params)``, confidence c_k = σ(conf([h_k ; W1[d_{k−1}]]) / T_k)
+   with T_k the STS temperature (ones until calibrated).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from dspark.drafter_service.base import DraftBlock
+from dspark.drafter_service.base import DraftBlock, TrainOutputs, check_train_inputs
 from dspark.drafter_service.layers import ContextKV, DecoderLayer, RMSNorm, rope_cos_sin
 from dspark.drafter_service.markov import ConfidenceHead, build_markov_head
 from dspark.drafter_service.providers import DrafterBuildError, TargetBoundDrafter, sample_step
@@ -145,7 +146,7 @@ class DSparkDrafter(TargetBoundDrafter):
                 step = step + bias.float()
                 emb = self.markov.prev_embedding(prev)
             if self.confidence is not None:
-                conf.append(torch.sigmoid(self.confidence(h[:, k], emb)))
+                conf.append(self.calibrated_confidence(self.confidence(h[:, k], emb), k))
             prev = sample_step(step, sampling)
             tokens.append(prev)
             logits.append(step)
@@ -191,3 +192,32 @@ class DSparkDrafter(TargetBoundDrafter):
         mask = block_attention_mask(lens[:, None].to(self.device), ctx_k.shape[3], self.block_size)
         h = self.backbone(self.embed(self.block_input_ids(anchors)), pos, ctx_k, ctx_v, mask)
         return self.sample_block(h, self.lm_head(h).float(), anchors, sampling)
+
+    # -- training -------------------------------------------------------------------------------
+    def train_forward(self, input_ids, features, last_hidden, anchors, keep, labels, *, detach_confidence=False):
+        """All A blocks of a sequence in one attention call over [context (S rows) | blocks]: the
+        context is every position's projected features, and :func:`block_attention_mask` lets a
+        block see only rows before its anchor, itself, and no other block. The sequential head is
+        teacher-forced: previous tokens [x_p, labels_1..labels_{γ−1}]. ``keep`` is not needed."""
+        check_train_inputs(input_ids, features, last_hidden, anchors, keep, labels, self.block_size)
+        self._check_features(features, self.fc.in_features)
+        (b, s), a, g, dev = input_ids.shape, anchors.shape[1], self.block_size, self.device
+        ids, anchors, labels = input_ids.to(dev), anchors.to(dev, torch.int64), labels.to(dev)
+        ctx_k, ctx_v = self.project_context(features.to(dev), torch.arange(s, device=dev).expand(b, s))
+        anchor_tok = ids.gather(1, anchors)  # [B, A] x_p
+        block_ids = self.block_input_ids(anchor_tok.reshape(-1)).view(b, a * g)  # [B, A·γ]
+        pos = (anchors[..., None] + torch.arange(g, device=dev)).view(b, a * g)  # [B, A·γ]
+        mask = block_attention_mask(anchors, s, g)  # [B, 1, A·γ, S + A·γ]
+        h = self.backbone(self.embed(block_ids), pos, ctx_k, ctx_v, mask).view(b, a, g, -1)  # [B, A, γ, d]
+        logits = self.lm_head(h).float()  # [B, A, γ, V] U
+        prev = torch.cat([anchor_tok[..., None], labels[..., :-1]], dim=-1)  # [B, A, γ] x_{k−1}
+        emb = None
+        if self.markov is not None:
+            logits = logits + self.markov.block_bias(prev, h).float()
+            emb = self.markov.prev_embedding(prev)  # [B, A, γ, r]
+        conf = None
+        if self.confidence is not None:
+            if detach_confidence:
+                h, emb = h.detach(), (emb.detach() if emb is not None else None)
+            conf = self.confidence(h, emb)  # [B, A, γ]
+        return TrainOutputs(logits, conf)

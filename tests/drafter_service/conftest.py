@@ -11,42 +11,7 @@ from typing import Callable
 import pytest
 import torch
 
-MASK_ID = 5  # the random tiny checkpoints have no tokenizer: the mask id is passed explicitly
-
-#: (test id, DrafterConfig fields) for every kind; dspark once per Markov head variant
-KINDS = [
-    ("dspark-vanilla", dict(kind="dspark", markov_head_type="vanilla")),
-    ("dspark-gated", dict(kind="dspark", markov_head_type="gated")),
-    ("dspark-rnn", dict(kind="dspark", markov_head_type="rnn")),
-    ("dflash", dict(kind="dflash", markov_rank=0)),
-    ("eagle3", dict(kind="eagle3")),
-    ("mtp1", dict(kind="mtp1")),
-]
-KIND_IDS = [k for k, _ in KINDS]
-BLOCK_KINDS = KIND_IDS[:4]
-
-
-def drafter_config(kind_id: str, **over):
-    from dspark.platform.config import DrafterConfig
-
-    base = dict(block_size=4, num_layers=2, markov_rank=16)
-    base.update(dict(KINDS)[kind_id])
-    base.update(over)
-    return DrafterConfig(**base)
-
-
-def randomize(drafter: torch.nn.Module, seed: int = 0, std: float = 0.15) -> None:
-    """Redraw every trainable parameter (norm gains around 1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in drafter.named_parameters():
-            if not p.requires_grad:
-                continue
-            noise = torch.randn(p.shape, generator=g).to(p.dtype)
-            if "norm." in name:
-                p.copy_(1.0 + 0.1 * noise)
-            else:
-                p.copy_(std * noise)
+from _helpers import BLOCK_KINDS, KIND_IDS, KINDS, MASK_ID, drafter_config, randomize  # noqa: F401
 
 
 @pytest.fixture(scope="session")

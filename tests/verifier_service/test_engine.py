@@ -7,25 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _helpers import ARCHS
+from _helpers import ARCHS, hf_greedy, prompts
 from _mocks import CyclePolicy, MockDrafter
 from dspark.platform.config import TargetConfig
 from dspark.platform.contracts import GenerationRequest, SamplingParams
 from dspark.platform.target.loading import load_target
 from dspark.scheduler.policies import FixedPolicy, ThresholdPolicy
 from dspark.verifier_service.engine import RequestRejected, VerifierEngine
-
-
-def hf_greedy(target, prompt: list[int], n: int) -> list[int]:
-    ids = torch.tensor([prompt])
-    out = target.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                                pad_token_id=0, eos_token_id=None)
-    return out[0, len(prompt):].tolist()
-
-
-def prompts(vocab: int, lengths, seed=0) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(2, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
 def greedy(n):
@@ -53,6 +41,7 @@ def test_speculative_batch1_matches_hf_generate(demo):
     out = eng.generate([GenerationRequest("a", tuple(p), greedy(24))])["a"]
     assert list(out.token_ids) == hf_greedy(demo, p, 24)
     assert out.stats.accepted > 0 and out.stats.tau > 1.0  # the oracle drafts get accepted
+    assert out.stats.fallback_steps == 0 and eng.context_failures == 0
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "deepseek_v3"])
@@ -78,6 +67,7 @@ def test_speculative_batch8_ragged_lengths_and_joins(arch, tiny_checkpoints):
         assert list(final[str(i)].token_ids) == hf_greedy(t, p, 9 + i), (arch, i)
     total = sum(o.stats.accepted for o in final.values())
     assert total > 0 and any(o.stats.drafted > o.stats.accepted for o in final.values())
+    assert eng.total_fallback_steps == 0 and eng.context_failures == 0
 
 
 def test_rollback_leaves_cache_equal_to_fresh_prefill(demo):
@@ -92,7 +82,8 @@ def test_rollback_leaves_cache_equal_to_fresh_prefill(demo):
     fresh = VerifierEngine(demo, max_batch_size=1)
     fresh.add_request(GenerationRequest("b", tuple(committed), greedy(1)))
     fresh.cache.set_length(0, 0)
-    fresh._prefill(fresh.waiting.popleft(), 0)
+    fresh.running.append(fresh.waiting.popleft())
+    fresh._prefill(0, fresh.running)
     for layer in range(demo.num_layers):
         k1, v1 = eng.cache.layer_kv(layer, 0)
         k2, v2 = fresh.cache.layer_kv(layer, 0)
@@ -174,3 +165,34 @@ def test_bad_requests_are_refused_with_reasons(demo):
         SamplingParams(temperature=-1.0)
     with pytest.raises(ValueError, match="empty"):
         GenerationRequest("d", ())
+
+
+class _FlakyContext(MockDrafter):
+    """append_context fails on its n-th call (after prefills, inside a verify step)."""
+
+    def __init__(self, *a, fail_on: int, **kw):
+        super().__init__(*a, **kw)
+        self.fail_on, self.appends = fail_on, 0
+
+    def append_context(self, slots, tokens, features, last_hidden, lengths):
+        self.appends += 1
+        if self.appends == self.fail_on:
+            raise RuntimeError("mock context failure")
+        super().append_context(slots, tokens, features, last_hidden, lengths)
+
+
+def test_lost_drafter_context_degrades_those_requests_to_plain_decoding(demo):
+    ps = prompts(demo.vocab_size, [5, 9], seed=4)
+    drafter = _FlakyContext(demo.vocab_size, 4, oracle=demo, fail_on=1)  # the first prefill's append fails
+    eng = VerifierEngine(demo, drafter, FixedPolicy(), max_batch_size=2)
+    eng.add_request(GenerationRequest("a", tuple(ps[0]), greedy(12)))
+    eng.step()  # "a" is admitted alone; its context append fails
+    eng.add_request(GenerationRequest("b", tuple(ps[1]), greedy(12)))
+    final = {}
+    while eng.has_unfinished():
+        final.update({o.request_id: o for o in eng.step() if o.finished})
+    assert eng.context_failures == 1 and eng.total_fallback_steps == 0
+    assert final["a"].stats.drafted == 0  # "a" decoded plainly ...
+    assert final["b"].stats.accepted > 0  # ... while "b" kept drafting in the same batches
+    for rid, p in zip("ab", ps):
+        assert list(final[rid].token_ids) == hf_greedy(demo, p, 12)
