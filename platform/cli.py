@@ -299,7 +299,8 @@ def bench_engine(config_path, overrides, batch_sizes, max_tokens, prompt_tokens,
 
         factories[f"{kind} (untrained)"] = make
     for p in drafter_paths:
-        factories[Path(p).name] = lambda p=p: load_drafter(p, tgt)
+        label = Path(p).parent.name if Path(p).name == "drafter" else Path(p).name  # a training run's drafter: the run name
+        factories[label] = lambda p=p: load_drafter(p, tgt)
     rows = run_engine_bench(tgt, factories, batch_sizes=batch_sizes, max_tokens=max_tokens,
                             prompt_tokens=prompt_tokens, repeats=repeats, engine_cfg=cfg.engine)
     table = render_markdown(rows)
@@ -320,6 +321,61 @@ def bench_engine(config_path, overrides, batch_sizes, max_tokens, prompt_tokens,
     write_section(output, "engine", "Verifier engine: plain vs speculative decoding", body,
                   command=_invocation(click.get_current_context()))
     click.echo(f"wrote {output} and {plot_path}", err=True)
+
+
+@bench.command("train")
+@click.argument("config_path", metavar="CONFIG.yaml", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Dotted override (repeatable).")
+@click.option("--workers", default="1,2", show_default=True, callback=_int_list, help="Worker counts to compare.")
+@click.option("--steps", type=click.IntRange(3), default=12, show_default=True, help="Optimizer steps per worker count.")
+@click.option("--warmup", type=click.IntRange(0), default=2, show_default=True, help="Leading steps left out of the figures.")
+@click.option("--output", default="BENCHMARKS.md", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--no-write", is_flag=True, help="Print only.")
+@_user_errors
+def bench_train(config_path, overrides, workers, steps, warmup, output, no_write) -> None:
+    """Training throughput (tokens/s) with 1, 2, … Ray Train workers and the scaling efficiency."""
+    from dspark.platform.bench.report import write_section
+    from dspark.platform.bench.train import render_markdown, run_train_bench
+    from dspark.platform.training.train_config import TrainConfig
+
+    if warmup >= steps:
+        raise click.BadParameter("must be smaller than --steps", param_hint="--warmup")
+    cfg = load_config(TrainConfig, config_path, overrides)
+    rows = run_train_bench(cfg, workers, steps, warmup, log=lambda m: click.echo(m, err=True))
+    table = render_markdown(rows)
+    click.echo(table)
+    if not no_write:
+        body = (
+            f"Config `{config_path}` ({cfg.drafter.kind}, γ = {cfg.drafter.block_size}, global batch "
+            f"{cfg.batch.global_batch_size} sequences, micro-batch {cfg.batch.micro_batch_size}, ZeRO-{cfg.distributed.zero_stage}, "
+            f"{cfg.distributed.cpus_per_worker:g} CPU per worker, online target features); {steps} steps per worker count, "
+            f"median of the steps after the first {warmup}. tokens/s counts every token of every sequence in the step "
+            f"(all workers); scaling efficiency = tokens/s ÷ (workers × tokens/s of 1 worker).\n\n{table}\n"
+        )
+        write_section(output, "train-throughput", "Drafter training throughput", body,
+                      command=_invocation(click.get_current_context()))
+
+
+@bench.command("drafters")
+@click.argument("evals", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--output", default="BENCHMARKS.md", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--no-write", is_flag=True, help="Print only.")
+def bench_drafters(evals, output, no_write) -> None:
+    """τ of drafters evaluated by `dspark eval` (their eval.json files or output directories),
+    side by side with DSpark's ratio over each."""
+    from pathlib import Path
+
+    from dspark.platform.bench.drafters import load_evals, render_markdown
+    from dspark.platform.bench.report import write_section
+
+    loaded = load_evals([Path(e) for e in evals])
+    table = render_markdown(loaded)
+    click.echo(table)
+    if not no_write:
+        body = ("τ = tokens per verify step (accepted drafts + 1) with static verification of the whole block "
+                "through the verifier engine, from each drafter's `dspark eval` run; the per-drafter sections "
+                "below hold accept@k and the per-position plots.\n\n" + table + "\n")
+        write_section(output, "drafters", "Drafters compared (τ)", body, command=_invocation(click.get_current_context()))
 
 
 # ------------------------------------------------------------------------------------ train

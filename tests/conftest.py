@@ -16,12 +16,20 @@ from _helpers import ARCHS, save_tiny_checkpoint, tiny_demo_config
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def pytest_configure(config):
+    # The test models are tiny: one intra-op thread is faster than two fighting over a 2-core
+    # machine (measured several times faster under load). Ray and DeepSpeed workers are
+    # separate processes and keep their own settings.
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("ckpt")
     return {a: save_tiny_checkpoint(a, root / a) for a in ARCHS}
-
-
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,8 @@ decodes the same number of tokens), first with plain decoding (the same engine w
 with each drafter. Every configuration gets a warm-up run first and the figure is the median of
 ``repeats`` timed runs. Per drafter and batch size it reports tokens/s, the speed-up over plain
 decoding measured in the same run, τ (tokens per verify step) and what one step costs: draft ms
-and verify ms (target forward + acceptance + commit).
+and verify ms (target forward + acceptance + commit). ``transformers``' own ``generate`` at the same
+batch is timed too, so plain decoding is shown to be a fair baseline.
 """
 
 from __future__ import annotations
@@ -83,6 +84,21 @@ def _timed_run(target, drafter, prompts: list[list[int]], max_tokens: int, engin
     return seconds, tokens, (emitted / steps if steps else 1.0), draft_ms, verify_ms, 1e3 * eng.timings.prefill_s, outs
 
 
+def _hf_generate_run(target, prompts: list[list[int]], max_tokens: int) -> float:
+    """Seconds for ``transformers`` ``generate`` (greedy, static batch: the prompts have equal
+    lengths, so no padding) — the reference point for our plain decoding."""
+    import time
+
+    ids = torch.tensor(prompts, device=target.device)
+    t0 = time.perf_counter()
+    out = target.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                                min_new_tokens=max_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    if target.device.type == "cuda":
+        torch.cuda.synchronize(target.device)
+    assert out.shape[1] == ids.shape[1] + max_tokens
+    return time.perf_counter() - t0
+
+
 def run_engine_bench(
     target: Any,
     drafters: dict[str, Callable[[], Any]],  # name -> factory of a fresh drafter
@@ -98,12 +114,17 @@ def run_engine_bench(
 
     engine_cfg = engine_cfg or EngineConfig()
     prompts_all = benchmark_prompts(target.tokenizer, max(batch_sizes), prompt_tokens)
-    configs = [(name, b) for b in batch_sizes for name in ("plain", *drafters)]
+    configs = [(name, b) for b in batch_sizes for name in ("transformers generate", "plain", *drafters)]
     rows: list[EngineBenchRow] = []
     plain_outputs: dict[int, dict] = {}  # batch -> outputs of plain decoding
     bar = tqdm(configs, desc="bench engine", unit="config", disable=not progress)
     for name, b in bar:
         bar.set_postfix_str(f"{name} @ batch {b}")
+        if name == "transformers generate":
+            _hf_generate_run(target, prompts_all[:b], 4)  # warm-up
+            secs = sorted(_hf_generate_run(target, prompts_all[:b], max_tokens) for _ in range(repeats))
+            rows.append(EngineBenchRow(name, b, b * max_tokens, secs[len(secs) // 2], 1.0, 0.0, 0.0, 0.0))
+            continue
         drafter = drafters[name]() if name != "plain" else None
         prompts = prompts_all[:b]
         _timed_run(target, drafter, prompts[:1], 8, engine_cfg)  # warm-up (allocations, kernels)
@@ -127,14 +148,16 @@ def render_markdown(rows: list[EngineBenchRow]) -> str:
     """One table: a row per (batch, drafter) with the speed-up against plain decoding at that batch."""
     from dspark.platform.bench.report import markdown_table
 
-    plain = {r.batch_size: r for r in rows if r.drafter == "plain"}
+    plain = {r.batch_size: r for r in rows if r.drafter == "plain"}  # ratios are against our plain decoding
     table = []
     for r in rows:
         base = plain.get(r.batch_size)
         speedup = f"{r.tokens_per_s / base.tokens_per_s:.2f}×" if base else "—"
         table.append([
             r.batch_size, r.drafter, f"{r.tokens_per_s:.1f}", speedup, f"{r.tau:.2f}",
-            f"{r.draft_ms:.2f}" if r.drafter != "plain" else "—", f"{r.verify_ms:.2f}", f"{r.prefill_ms:.0f}",
+            f"{r.draft_ms:.2f}" if r.drafter not in ("plain", "transformers generate") else "—",
+            f"{r.verify_ms:.2f}" if r.drafter != "transformers generate" else "—",
+            f"{r.prefill_ms:.0f}" if r.drafter != "transformers generate" else "—",
         ])
     return markdown_table(
         ["batch", "drafter", "tokens/s", "vs plain", "τ", "draft ms/step", "verify ms/step", "prefill ms"], table

@@ -167,8 +167,11 @@ def eval_command(drafter_dir, data, temperatures, num_prompts, max_tokens, confi
 @click.option("--output-dir", default=None, type=click.Path(file_okay=False),
               help="Where calibration.json, calibration.md and reliability.png go (default: the checkpoint directory).")
 @click.option("--no-save", is_flag=True, help="Report only; leave the checkpoint's temperatures as they are.")
+@click.option("--benchmarks", default=None, type=click.Path(dir_okay=False),
+              help="Also write the report as a section of this file (e.g. BENCHMARKS.md).")
 @_user_errors
-def calibrate_command(drafter_dir, data, temperatures, num_prompts, max_tokens, config_path, overrides, output_dir, no_save) -> None:
+def calibrate_command(drafter_dir, data, temperatures, num_prompts, max_tokens, config_path, overrides, output_dir, no_save,
+                      benchmarks) -> None:
     """Fit Sequential Temperature Scaling of the confidence head on held-out prompts and save
     the per-position temperatures into the checkpoint."""
     from dspark.drafter_service.checkpoint import save_confidence_temperature
@@ -205,4 +208,18 @@ def calibrate_command(drafter_dir, data, temperatures, num_prompts, max_tokens, 
     if not no_save:
         save_confidence_temperature(ckpt, report.temperatures)
         click.echo(f"saved temperatures {[round(t, 3) for t in report.temperatures]} into {ckpt}", err=True)
+    if benchmarks:
+        from dspark.platform.bench.report import write_section
+
+        bench = Path(benchmarks)
+        label = ckpt.parent.name if ckpt.name == "drafter" else ckpt.name
+        body = (
+            f"Sequential Temperature Scaling of `{label}`'s confidence head, fitted position by position on "
+            f"{report.source}. Mean over positions: ECE {report.mean('ece_before'):.4f} → {report.mean('ece_after'):.4f}, "
+            f"AUROC {report.mean('auroc_before'):.3f} → {report.mean('auroc_after'):.3f}, Brier "
+            f"{report.mean('brier_before'):.4f} → {report.mean('brier_after'):.4f} ({report.bins}-bin ECE of the predicted "
+            f"prefix survival; in-sample — the eval section measures the saved temperatures on the test split).\n\n"
+            f"{table}\n\n![reliability]({_relative(png, bench.parent)})\n"
+        )
+        write_section(bench, f"calibration-{label}", f"Confidence calibration: {label}", body)
     click.echo(f"wrote {out / 'calibration.json'}, {out / 'calibration.md'} and {png}", err=True)

@@ -114,6 +114,11 @@ class DrafterTrainer:
         drafter = build_drafter(cfg.drafter, self.target)
         self.weights = cfg.loss.resolve(cfg.drafter.kind)
         self.data = TrainData(data_dir, max_length=cfg.batch.max_length)
+        self.feature_cache = None
+        if cfg.data.features == "offline":  # features read from `dspark data cache-features` output
+            from dspark.platform.training.feature_cache import FeatureCache
+
+            self.feature_cache = FeatureCache(cfg.data.feature_cache, self.data)
         params = [p for p in drafter.parameters() if p.requires_grad]
         o = cfg.optim
         optimizer = torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay)
@@ -148,6 +153,16 @@ class DrafterTrainer:
         labels, eval_mask = block_targets(batch.input_ids, mask, anchors, keep, self.drafter.block_size)
         return anchors, keep, labels, eval_mask
 
+    def _target_features(self, batch):
+        """(features [B, S, L·d], last hidden [B, S, d]) of the batch: a target forward (online)
+        or the feature cache (offline)."""
+        if self.feature_cache is None:
+            out = self.target(batch.input_ids, attention_mask=batch.attention_mask, logits_positions=None)
+            return out.features, out.last_hidden
+        f, h = self.feature_cache.batch(batch.index.tolist(), batch.input_ids.shape[1])
+        dt = self.target.dtype
+        return f.to(self.info.device, dt), h.to(self.info.device, dt)
+
     def _global_den(self, eval_masks: list[torch.Tensor]) -> torch.Tensor:
         """[T] Σw over the whole step, all ranks (a loss term's denominator)."""
         w = position_weights(self.drafter.block_size, self.weights.decay, self.info.device)
@@ -173,10 +188,10 @@ class DrafterTrainer:
         tokens = 0
         for batch, anchors, keep, labels, eval_mask in prepared:
             with torch.no_grad():
-                tout = self.target(batch.input_ids, attention_mask=batch.attention_mask, logits_positions=None)
-                p_t = teacher_probs(tout.last_hidden, self.target.lm_head, anchors, self.drafter.block_size)
+                feats, hidden = self._target_features(batch)
+                p_t = teacher_probs(hidden, self.target.lm_head, anchors, self.drafter.block_size)
             out = self.engine.module.train_forward(
-                batch.input_ids, tout.features, tout.last_hidden, anchors, keep, labels,
+                batch.input_ids, feats, hidden, anchors, keep, labels,
                 detach_confidence=self.weights.detach_confidence,
             )
             parts = loss_parts(out.logits, p_t, labels, eval_mask, out.confidence_logits, self.weights.decay)

@@ -7,10 +7,15 @@ from pathlib import Path
 import pytest
 
 from dspark.platform.config import DemoConfig, load_config
+from dspark.platform.training.data_config import DataConfig
+from dspark.platform.training.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 # file (relative to clusters/) -> schema; a new YAML must be registered here to be validated
-SCHEMAS = {"demo.yaml": DemoConfig}
+SCHEMAS = {
+    "demo.yaml": DemoConfig, "data-demo.yaml": DataConfig, "train-demo.yaml": TrainConfig,
+    "train-gpu-cluster.yaml": TrainConfig,
+}
 
 
 def test_every_cluster_yaml_is_registered():

@@ -33,7 +33,7 @@ def test_bench_engine_cli(tiny_demo_target, tmp_path):
     ])
     assert res.exit_code == 0, res.output
     text = out.read_text()
-    for row in ("| 1 | plain |", "| 3 | plain |", "| 1 | dspark (untrained) |", "| 3 | mtp1 (untrained) |"):
+    for row in ("| 1 | transformers generate |", "| 1 | plain |", "| 3 | plain |", "| 1 | dspark (untrained) |", "| 3 | mtp1 (untrained) |"):
         assert row in text
     assert png.stat().st_size > 1000
     assert "`dspark bench engine --set" in text and "--batch-sizes 1,3" in text  # the command is recorded

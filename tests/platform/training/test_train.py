@@ -50,14 +50,14 @@ def moe_data(moe_demo_target, tmp_path_factory):
     return make_data(moe_demo_target, tmp_path_factory.mktemp("data-moe"))
 
 
-def train_cfg(target_info, data: Path, out: Path, name: str, **over):
+def train_cfg(target_info, data_dir: Path, out: Path, name: str, **over):
     from dspark.platform.training.train_config import TrainConfig
 
     base = dict(
         name=name, output_dir=str(out), steps=4, log_every=1, tensorboard=False, seed=3,
         target={"path": str(target_info.path)},
         drafter={"kind": "dspark", "block_size": 3, "num_layers": 1, "markov_rank": 8},
-        loss={"num_anchors": 6}, data={"path": str(data)},
+        loss={"num_anchors": 6}, data={"path": str(data_dir)},
         batch={"global_batch_size": 4, "micro_batch_size": 1, "max_length": 48},
         distributed={"num_workers": 2}, checkpoint={"every_steps": 2},
     )
@@ -148,3 +148,21 @@ def test_moe_target_partitioned_with_zero3_gives_the_same_losses(ray_cluster, mo
         assert runs["zero3"][step]["loss"] == pytest.approx(runs["none"][step]["loss"], rel=1e-4)
     # each worker held about half of the target's parameters
     assert runs["zero3"][1]["target_local_params"] <= 0.6 * runs["none"][1]["target_local_params"]
+
+
+def test_offline_feature_cache_gives_the_same_losses_as_online(dense_run, tiny_demo_target, dense_data, tmp_path):
+    from dspark.platform.config import TargetConfig
+    from dspark.platform.target.loading import load_target
+    from dspark.platform.training.feature_cache import write_feature_cache
+    from dspark.platform.training.launch import run_training
+
+    cache = tmp_path / "features"
+    target = load_target(TargetConfig(path=str(tiny_demo_target.path)))
+    write_feature_cache(dense_data, target, cache, dtype="float32", progress=False, log=lambda m: None)
+    cfg = train_cfg(tiny_demo_target, dense_data, tmp_path, "offline", steps=2,
+                    data={"features": "offline", "feature_cache": str(cache)}, checkpoint={"every_steps": 2})
+    got = metrics(run_training(cfg, log=lambda m: None).run_dir)
+    ref = metrics(dense_run[1].run_dir)
+    for step in (1, 2):
+        assert got[step]["records"] == ref[step]["records"]
+        assert got[step]["loss"] == pytest.approx(ref[step]["loss"], rel=1e-4)
