@@ -323,6 +323,101 @@ def bench_engine(config_path, overrides, batch_sizes, max_tokens, prompt_tokens,
     click.echo(f"wrote {output} and {plot_path}", err=True)
 
 
+def _optional_int_list(ctx, param, value: str | None) -> list[int] | None:
+    return None if value is None else _int_list(ctx, param, value)
+
+
+@bench.command("policies")
+@_config_options
+@click.option("--drafter-path", type=click.Path(file_okay=False), default=None,
+              help="Drafter checkpoint directory (a training run's, e.g. artifacts/runs/dspark-demo/drafter).")
+@click.option("--untrained", "kind", default=None,
+              help="Use an untrained drafter of this kind instead (shape from the config's drafter section).")
+@click.option("--concurrency", default="1,4,16,32", show_default=True, callback=_int_list,
+              help="Concurrent requests (comma-separated); the engine's max_batch_size is set to each.")
+@click.option("--max-tokens", type=click.IntRange(1), default=64, show_default=True, help="New tokens per request.")
+@click.option("--prompt-tokens", type=click.IntRange(1), default=64, show_default=True, help="Prompt length.")
+@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True, help="Timed runs per configuration (median).")
+@click.option("--fixed", default=None, callback=_optional_int_list,
+              help="Fixed verify lengths to compare, each 1..γ (comma-separated; default: 2, 4 and the drafter's γ).")
+@click.option("--output", default="BENCHMARKS.md", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--plot", "plot_path", default="benchmarks/policies.png", show_default=True, type=click.Path(dir_okay=False),
+              help="The plot; the measured SPS profile is saved beside it (.sps.json).")
+@click.option("--no-write", is_flag=True, help="Print only; leave BENCHMARKS.md, the plot and the profile alone.")
+@_user_errors
+def bench_policies(config_path, overrides, drafter_path, kind, concurrency, max_tokens, prompt_tokens, repeats, fixed,
+                   output, plot_path, no_write) -> None:
+    """Verify-length policies in the verifier engine (no Ray): off, fixed lengths, prefix and async
+    (planning with an SPS profile measured on this engine) at each concurrency."""
+    import os
+    from pathlib import Path
+
+    import torch
+
+    from dspark.drafter_service.checkpoint import load_drafter
+    from dspark.drafter_service.registry import build_drafter, kinds
+    from dspark.platform.bench.policies import fixed_lengths, measure_profile, plot, render_markdown, run_policy_bench
+    from dspark.platform.bench.report import write_section
+    from dspark.platform.demo.build import resolve_target_path
+    from dspark.platform.target.loading import load_target
+    from dspark.verifier_service.engine import RequestRejected
+
+    if (drafter_path is None) == (kind is None):
+        raise click.UsageError("give exactly one of --drafter-path DIR and --untrained KIND")
+    if kind is not None and kind not in kinds():
+        raise click.BadParameter(f"unknown drafter kind {kind!r} (known: {', '.join(kinds())})", param_hint="--untrained")
+    cfg = load_config(DemoConfig, config_path, overrides)
+    path = resolve_target_path(cfg.target.path, cfg.demo_target, log=lambda m: click.echo(m, err=True))
+    tgt = load_target(cfg.target, path)
+    if drafter_path is not None:
+        drafter = load_drafter(drafter_path, tgt)
+        d = Path(drafter_path)
+        name = d.parent.name if d.name == "drafter" else d.name  # a training run's drafter: the run name
+    else:
+        fields = {**cfg.drafter.model_dump(), "kind": kind, **({"markov_rank": 0} if kind == "dflash" else {})}
+        torch.manual_seed(cfg.engine.seed)
+        drafter, name = build_drafter(DrafterConfig(**fields), tgt), f"{kind} (untrained)"
+    gamma = int(drafter.block_size)
+    try:
+        lengths = fixed_lengths(gamma, fixed)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--fixed") from None
+    click.echo(f"measuring the SPS profile (batch tokens 1..{max(concurrency) * (gamma + 1)}) ...", err=True)
+    try:
+        sps = measure_profile(tgt, drafter, max_concurrency=max(concurrency), prompt_tokens=prompt_tokens,
+                              max_tokens=max_tokens, engine_cfg=cfg.engine)
+        rows = run_policy_bench(tgt, drafter, sps, concurrency=concurrency, fixed=lengths, max_tokens=max_tokens,
+                                prompt_tokens=prompt_tokens, repeats=repeats, engine_cfg=cfg.engine)
+    except RequestRejected as exc:
+        raise ConfigError(str(exc)) from None
+    table = render_markdown(rows)
+    click.echo(table)
+    if no_write:
+        return
+    Path(plot_path).parent.mkdir(parents=True, exist_ok=True)
+    plot(rows, plot_path, title=f"Verify-length policies: {name}, γ = {gamma}, on {path.name}")
+    sps_path = sps.save(Path(plot_path).with_suffix(".sps.json"))
+    rel = os.path.relpath(Path(plot_path).resolve(), Path(output).resolve().parent)
+    n_params = sum(p.numel() for p in tgt.model.parameters())
+    body = (
+        f"Target: {type(tgt.model).__name__}, {n_params / 1e6:.2f}M parameters ({path.name}). Drafter: {name}, "
+        f"γ = {gamma}. At each concurrency C, C prompts of {prompt_tokens} tokens from the test split, {max_tokens} new "
+        f"tokens each, greedy, through a fresh engine with max_batch_size = C; median of {repeats} runs after a warm-up, "
+        f"the runs of one C taken round-robin over the policies. `off` is plain decoding (no drafter); `fixed L` "
+        f"verifies L drafts per request; `prefix` (Algorithm 1) and `async` (capacity from confidences two steps old) "
+        f"plan with an SPS profile measured on this engine at start-up ({len(sps.tokens)} points, batch tokens "
+        f"{sps.tokens[0]}..{sps.tokens[-1]}, {sps(sps.tokens[0]):.1f} to {sps(sps.tokens[-1]):.1f} steps/s; "
+        f"`{sps_path.name}` beside the plot). Every speculative run's output was checked identical to plain decoding. "
+        f"τ = tokens per request per verify step; mean ℓ = drafts verified per request per step; step ms = one batch "
+        f"step (draft + verify). The profile prices the verify forward only (drafting is not in Θ = τ·SPS(B)), and "
+        f"the engine pads ragged rows to R·(1 + max ℓ) tokens while the policies count Σ(1 + ℓ).\n\n"
+        f"{table}\n\n![policy throughput]({rel})\n"
+    )
+    write_section(output, "policies", "Verify-length policies on the verifier engine", body,
+                  command=_invocation(click.get_current_context()))
+    click.echo(f"wrote {output}, {plot_path} and {sps_path}", err=True)
+
+
 @bench.command("train")
 @click.argument("config_path", metavar="CONFIG.yaml", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Dotted override (repeatable).")
@@ -411,9 +506,13 @@ def _register_subcommands() -> None:
     from dspark.platform.training.data_cli import data
     from dspark.platform.training.eval_cli import calibrate_command, eval_command
 
+    from dspark.scheduler.sim_cli import simulate_command, trace_group
+
     cli.add_command(data)
     cli.add_command(eval_command)
     cli.add_command(calibrate_command)
+    cli.add_command(simulate_command)
+    cli.add_command(trace_group)
 
 
 _register_subcommands()

@@ -7,11 +7,17 @@ drafter-to-verifier payload that must carry tensors is defined with the services
 
 from __future__ import annotations
 
+import hashlib
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["SCHEMA_VERSION", "SamplingParams", "GenerationRequest", "RequestStats", "RequestOutput", "assert_no_tensors"]
+__all__ = [
+    "SCHEMA_VERSION", "SamplingParams", "GenerationRequest", "RequestStats", "RequestOutput", "assert_no_tensors",
+    # verifier replica <-> central scheduler actor
+    "ReplicaInfo", "Heartbeat", "BudgetReply", "ReplicaView", "ClusterView",
+]
 
 SCHEMA_VERSION = 1
 
@@ -112,3 +118,168 @@ def assert_no_tensors(obj: Any) -> None:
             stack.extend(x)
         elif hasattr(x, "__dataclass_fields__"):
             stack.extend(getattr(x, f) for f in x.__dataclass_fields__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Verifier replica <-> central scheduler actor (dspark.scheduler.actor). Ids, counts and a few
+# floats only; a replica sends ReplicaInfo once and a Heartbeat every interval, and gets a
+# BudgetReply back. Sequences are tuples so the records stay hashable and immutable; lists are
+# accepted on construction and converted.
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _sps_pairs(table: Any) -> tuple[tuple[int, float], ...] | None:
+    """(tokens, steps/s) pairs as plain (int, float) tuples, or None if ``table`` is not a
+    non-empty sequence of (integer, number) pairs. Numpy scalars and integral floats are
+    converted, so a profile can be passed as ``array.tolist()``."""
+    def as_int(b: Any) -> int:
+        if isinstance(b, float) and b.is_integer():  # e.g. from ndarray.tolist() of a float table
+            return int(b)
+        return operator.index(b)
+
+    try:
+        pairs = tuple((as_int(b), float(v)) for b, v in table)
+    except (TypeError, ValueError):
+        return None
+    return pairs or None
+
+
+@dataclass(frozen=True)
+class ReplicaInfo:
+    """What a verifier replica tells the scheduler when it (re-)registers.
+
+    ``sps_table`` is the replica's step-cost profile: (B, steps/s) pairs, B = tokens in one verify
+    forward (every running request's anchor plus its verified drafts), strictly increasing.
+    ``sps_id`` names the profile (device, model, settings); left empty it is derived from the
+    table's content, so a refreshed profile with different numbers gets a new identity.
+    """
+
+    replica_id: str
+    node: str  # host name or Ray node id: replicas on one node share its hardware
+    max_batch_size: int  # most requests running at once (KV slots)
+    gamma: int  # drafted block size γ: the most drafts one request can verify in a step
+    sps_table: tuple[tuple[int, float], ...]
+    sps_id: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        table = _sps_pairs(self.sps_table)
+        problems = []
+        if not isinstance(self.replica_id, str) or not self.replica_id:
+            problems.append("replica_id must be a non-empty string")
+        if not isinstance(self.max_batch_size, int) or self.max_batch_size < 1:
+            problems.append(f"max_batch_size must be a positive integer (got {self.max_batch_size!r})")
+        if not isinstance(self.gamma, int) or self.gamma < 0:
+            problems.append(f"gamma must be a non-negative integer (got {self.gamma!r})")
+        if table is None:
+            problems.append("sps_table must be a non-empty sequence of (positive integer tokens, steps/s) pairs")
+        elif any(b < 1 for b, _ in table):
+            problems.append("sps_table batch sizes must be positive")
+        elif any(b2 <= b1 for (b1, _), (b2, _) in zip(table, table[1:])):
+            problems.append("sps_table batch sizes must be strictly increasing")
+        if table and any(not math.isfinite(v) or v <= 0 for _, v in table):
+            problems.append("sps_table steps/s must be finite and positive")
+        if problems:
+            raise ValueError(f"replica {self.replica_id!r}: " + "; ".join(problems))
+        object.__setattr__(self, "sps_table", table)
+        if not self.sps_id:
+            digest = hashlib.sha1(repr(table).encode()).hexdigest()[:12]
+            object.__setattr__(self, "sps_id", f"sps-{digest}")
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """A replica's state over its last measurement window, sent every ``interval_s``.
+
+    ``load`` is the fraction of the window the device was busy: GPU utilisation from NVML where
+    there is a GPU (``load_source="nvml"``), otherwise the fraction of wall time spent inside the
+    engine's step loop (``"busy"``). ``accept_rate`` is the mean conditional acceptance α of
+    verified drafts (P[draft k accepted | drafts < k accepted]); ``tau`` the mean tokens emitted
+    per request-step (1 + accepted). Both are None while the window holds no verified drafts.
+    ``timestamp`` is the replica's wall clock, for display only: staleness is judged on the
+    scheduler's own clock, so clocks of different nodes never need to agree.
+    """
+
+    replica_id: str
+    seq: int  # strictly increasing per replica; an older or repeated seq is ignored
+    timestamp: float
+    load: float
+    load_source: str  # "nvml" | "busy"
+    queue_depth: int  # requests waiting for a slot
+    running: int  # requests in the running batch
+    accept_rate: float | None = None
+    tau: float | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not isinstance(self.replica_id, str) or not self.replica_id:
+            problems.append("replica_id must be a non-empty string")
+        if not isinstance(self.seq, int) or self.seq < 0:
+            problems.append(f"seq must be a non-negative integer (got {self.seq!r})")
+        if not _is_real(self.timestamp):
+            problems.append(f"timestamp must be a finite number (got {self.timestamp!r})")
+        if not (_is_real(self.load) and 0.0 <= self.load <= 1.0):
+            problems.append(f"load must be in [0, 1] (got {self.load!r})")
+        if self.load_source not in ("nvml", "busy"):
+            problems.append(f"load_source must be 'nvml' or 'busy' (got {self.load_source!r})")
+        for name in ("queue_depth", "running"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                problems.append(f"{name} must be a non-negative integer (got {v!r})")
+        if self.accept_rate is not None and not (_is_real(self.accept_rate) and 0.0 <= self.accept_rate <= 1.0):
+            problems.append(f"accept_rate must be in [0, 1] or None (got {self.accept_rate!r})")
+        if self.tau is not None and not (_is_real(self.tau) and self.tau >= 1.0):
+            problems.append(f"tau must be >= 1 or None (got {self.tau!r})")
+        if problems:
+            raise ValueError(f"heartbeat of {self.replica_id!r}: " + "; ".join(problems))
+
+
+@dataclass(frozen=True)
+class BudgetReply:
+    """The scheduler's answer to a registration or heartbeat.
+
+    ``budget_tokens`` caps the draft tokens the replica verifies per step, summed over its batch
+    (Σ_r ℓ_r; the anchors are not counted); None = no budget from the scheduler (the replica's
+    local policy decides alone). A budget is valid for ``valid_s`` seconds after it arrives; a
+    replica without a newer reply by then falls back to its local default.
+    ``registered=False`` means the scheduler does not know the replica (it restarted, or dropped
+    the replica as stale): register again. ``epoch`` names the scheduler instance.
+    """
+
+    replica_id: str
+    registered: bool
+    budget_tokens: int | None
+    view_version: int
+    valid_s: float
+    epoch: str
+
+
+@dataclass(frozen=True)
+class ReplicaView:
+    """One replica as the scheduler last saw it (``age_s`` since its last message)."""
+
+    replica_id: str
+    node: str
+    sps_id: str
+    load: float | None  # None until its first heartbeat
+    running: int
+    queue_depth: int
+    accept_rate: float | None
+    budget_tokens: int | None
+    goodput: float  # expected tokens/s at that budget under the scheduler's model
+    age_s: float
+
+
+@dataclass(frozen=True)
+class ClusterView:
+    """The scheduler's view of the cluster: live replicas only (stale ones are dropped)."""
+
+    version: int
+    epoch: str
+    replicas: tuple[ReplicaView, ...]
+    goodput: float  # Σ of the replicas' expected goodput
+

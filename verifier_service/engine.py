@@ -44,7 +44,7 @@ from dspark.platform.sampling import (
     sample_from_probs,
 )
 from dspark.platform.target.loading import FrozenTarget
-from dspark.scheduler.policies import FixedPolicy, OffPolicy, VerifyPolicy, clip_lengths
+from dspark.scheduler.policies import BatchView, FixedPolicy, LegacyPolicy, OffPolicy, VerifyPolicy, clip_lengths, decide_lengths
 from dspark.verifier_service.kv_cache import SlotKVCache
 
 __all__ = ["EngineTimings", "RequestRejected", "StepRecord", "VerifierEngine"]
@@ -130,7 +130,7 @@ class VerifierEngine:
         self,
         target: FrozenTarget,
         drafter: Any = None,
-        policy: VerifyPolicy | None = None,
+        policy: VerifyPolicy | LegacyPolicy | None = None,
         *,
         max_batch_size: int = 16,
         max_model_len: int | None = None,
@@ -142,7 +142,10 @@ class VerifierEngine:
             raise ValueError("max_batch_size and prefill_chunk must be >= 1")
         self.target = target
         self.drafter = drafter
-        self.policy: VerifyPolicy = policy if policy is not None else (FixedPolicy() if drafter is not None else OffPolicy())
+        self.policy = policy if policy is not None else (FixedPolicy() if drafter is not None else OffPolicy())
+        # cap on the draft tokens verified per step (Σ_r ℓ_r), set by the cluster scheduler's client;
+        # None = no cap, 0 = plain decoding (the drafter is then not called at all)
+        self.verify_budget: int | None = None
         self.gamma = int(getattr(drafter, "block_size", 0)) if drafter is not None else 0
         limit = int(getattr(target.config, "max_position_embeddings", 0) or 0) or 4096
         self.max_model_len = min(max_model_len or limit, limit)
@@ -331,14 +334,16 @@ class VerifierEngine:
         block, lengths, fallback, conf = None, [0] * R, False, None
         t0 = self._now()
         rows = [i for i, r in enumerate(self.running) if r.drafting]  # requests whose drafter context is intact
-        if self.drafter is not None and not isinstance(self.policy, OffPolicy) and rows:
+        if self.drafter is not None and not isinstance(self.policy, OffPolicy) and rows and self.verify_budget != 0:
             try:
                 block = self.drafter.propose(torch.tensor(rows), anchors[rows], positions[rows], sampling.select(rows))
                 if len(rows) < R:  # scatter to all R rows; the others verify nothing
                     block = _scatter_block(block, rows, R)
                 conf = block.confidences.float().cpu().numpy() if block.confidences is not None else None
-                lengths = self.policy(conf, self.gamma, R)
-                lengths = [l if r.drafting else 0 for l, r in zip(lengths, self.running)]
+                # per-request caps known before drafting: max_tokens left, and 0 for rows not drafting
+                limits = tuple(r.params.max_tokens - len(r.generated) - 1 if r.drafting else 0 for r in self.running)
+                view = BatchView(conf, self.gamma, tuple(r.request.request_id for r in self.running), self.verify_budget, limits)
+                lengths = decide_lengths(self.policy, view)  # limits and budget enforced there too
             except Exception:
                 log.exception("drafter failed; this step decodes without drafts")
                 block, lengths, fallback, conf = None, [0] * R, True, None

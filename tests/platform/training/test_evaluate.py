@@ -221,7 +221,8 @@ def test_eval_cli_writes_results_and_benchmark_section(demo, tiny_demo_target, t
     assert all(r["prompts"] == 3 and r["steps"] > 0 and r["tau"] >= 1.0 for r in raw["runs"])
     assert (tmp_path / "out" / "eval_positions.png").read_bytes()[:4] == b"\x89PNG"
     text = bench.read_text()
-    assert "<!-- bench:eval-drafter -->" in text and "| code.jsonl | 0 |" in text and "out/eval_positions.png" in text
+    # a checkpoint directory named "drafter" (a training run's) is labelled by its run directory
+    assert f"<!-- bench:eval-{tmp_path.name} -->" in text and "| code.jsonl | 0 |" in text and "out/eval_positions.png" in text
     # a prompt file that is not there, and a prompt too long for the context: one line, status 2
     res = CliRunner().invoke(eval_command, ["--drafter", str(ckpt), "--data", str(tmp_path / "nope.jsonl"),
                                             "--set", f"target.path={tiny_demo_target.path}"])
