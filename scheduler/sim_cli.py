@@ -119,7 +119,9 @@ def simulate_command(trace_path, sps_spec, concurrency, replicas, policies, step
         f"once. Goodput = emitted tokens / simulated time, summed over replicas. Simulated, not measured: draft "
         f"cost is not counted.\n\n{table}\n\n![simulated goodput]({rel})\n"
     )
-    write_section(output, "simulate", "Scheduling simulator: goodput per verify-length policy", body, command=_invocation())
+    curve = "h100" if sps_spec == "h100" else Path(sps_spec).stem  # one section per SPS curve
+    write_section(output, f"simulate-{curve}", f"Scheduling simulator: goodput per verify-length policy ({sps_name})", body,
+                  command=_invocation())
     click.echo(f"wrote {output} and {plot_path}", err=True)
 
 

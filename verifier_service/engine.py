@@ -172,7 +172,12 @@ class VerifierEngine:
         self.total_fallback_steps = 0
         self.context_failures = 0  # append_context failures (those requests stopped drafting)
         self.timings = EngineTimings()
-        self.observer = observer
+        # step observers (evaluation, traces, the scheduler client); one failing never fails a step
+        self.observers: list[Callable[[StepRecord], None]] = [observer] if observer is not None else []
+
+    def add_observer(self, fn: Callable[[StepRecord], None]) -> None:
+        """Call ``fn`` with the :class:`StepRecord` of every verify step (after the commit)."""
+        self.observers.append(fn)
 
     def _now(self) -> float:
         if self.device.type == "cuda":
@@ -371,9 +376,14 @@ class VerifierEngine:
         self.timings.draft_s += t1 - t0
         self.timings.verify_s += t2 - t1
         self.timings.steps += 1
-        if self.observer is not None:
-            self.observer(StepRecord(tuple(r.request.request_id for r in self.running), tuple(lengths),
-                                     tuple(int(a) for a in num_acc), conf, fallback))
+        if self.observers:
+            record = StepRecord(tuple(r.request.request_id for r in self.running), tuple(lengths),
+                                tuple(int(a) for a in num_acc), conf, fallback)
+            for obs in self.observers:
+                try:
+                    obs(record)
+                except Exception:
+                    log.exception("step observer failed")
 
         outputs, done = [], []
         for i, r in enumerate(self.running):

@@ -299,7 +299,7 @@ class SchedulerClient:
         return self.config.default_budget_tokens
 
     def observe_step(self, record: Any) -> None:
-        """The engine's ``observer`` hook (chain it if the engine has another one). Never raises."""
+        """A step observer for the engine (`engine.add_observer(client.observe_step)`). Never raises."""
         try:
             self.acceptance.observe(record)
         except Exception:  # a malformed record must not fail the step

@@ -185,7 +185,7 @@ def run_engine(t, policy, n: int, budget: int | None = None):
     eng = VerifierEngine(t, SignalDrafter(V, 3, seed=2), policy, max_batch_size=128)
     eng.verify_budget = budget
     records = []
-    eng.observer = records.append
+    eng.add_observer(records.append)
     reqs = [GenerationRequest(str(i), PROMPT, SamplingParams(max_tokens=4, temperature=1.0, seed=i, ignore_eos=True))
             for i in range(n)]
     counts = torch.zeros(V * V)

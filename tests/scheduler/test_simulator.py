@@ -252,7 +252,7 @@ def test_simulate_cli_writes_the_benchmark_section(tmp_path, monkeypatch):
     ])
     assert res.exit_code == 0, res.output
     text = bench.read_text()
-    assert "<!-- bench:simulate -->" in text and "test curve x" in text and "![simulated goodput](plots/sim.png)" in text
+    assert "<!-- bench:simulate-x -->" in text and "test curve x" in text and "![simulated goodput](plots/sim.png)" in text
     assert "| 2 | 8 |" in text and "fixed 2 tok/s" in text and "--policies off,fixed:2,fixed" in text
     assert png.read_bytes()[:4] == b"\x89PNG"
     # --no-write leaves the files alone

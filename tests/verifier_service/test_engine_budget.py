@@ -28,7 +28,7 @@ def run(target, policy, budget=None):
     eng = VerifierEngine(target, drafter, policy, max_batch_size=4)
     eng.verify_budget = budget
     records = []
-    eng.observer = records.append
+    eng.add_observer(records.append)
     outs = eng.generate(requests())
     return {k: o.token_ids for k, o in outs.items()}, records, drafter
 

@@ -299,7 +299,8 @@ def test_wired_to_a_real_engine(tiny_checkpoints):
     info = ReplicaInfo("rep-e", "node-0", 3, engine.gamma, KNEE)
     client = SchedulerClient(info, transport, SchedulerClientConfig(use_nvml=False), probe=engine_probe(engine))
     records = []
-    engine.observer = lambda r: (records.append(r), client.observe_step(r))
+    engine.add_observer(records.append)
+    engine.add_observer(client.observe_step)
     for i, p in enumerate(prompts(target.vocab_size, [5, 9, 3, 7, 4], seed=1)):
         engine.add_request(GenerationRequest(str(i), tuple(p), SamplingParams(max_tokens=12, ignore_eos=True)))
 
