@@ -229,9 +229,12 @@ def _invocation(ctx: click.Context) -> str:
 
     parts = ["dspark", *ctx.command_path.split()[1:]]
     for p in ctx.command.params:
-        if ctx.get_parameter_source(p.name) in (ParameterSource.DEFAULT, None) or not p.opts:
+        if ctx.get_parameter_source(p.name) in (ParameterSource.DEFAULT, None):
             continue
         raw = ctx.params[p.name]
+        if isinstance(p, click.Argument):  # positional: the values alone
+            parts += [shlex.quote(str(v)) for v in (raw if isinstance(raw, (list, tuple)) else [raw])]
+            continue
         if getattr(p, "is_flag", False):
             if raw:
                 parts.append(p.opts[0])

@@ -29,7 +29,7 @@ def test_bench_drafters_table_and_ratios(tmp_path):
     text = out.read_text()
     assert "| eval-a | dspark | 7 | 3.000 | 2.600 |" in text
     assert "| eval-a / eval-b | 1.500 | 1.300 |" in text
-    assert "dspark bench drafters" in text
+    assert f"- command: `dspark bench drafters {a} {b / 'eval.json'} --output {out}`" in text  # as typed
 
 
 def test_bench_drafters_missing_eval(tmp_path):
