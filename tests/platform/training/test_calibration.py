@@ -39,15 +39,6 @@ from dspark.platform.training.calibration import (
 from dspark.platform.training.eval_cli import calibrate_command
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one torch thread is ~50x faster than two contending."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------ metrics
 def test_ece_by_hand():
     p, y = np.array([0.1, 0.2, 0.9, 0.95]), np.array([0, 1, 1, 1])

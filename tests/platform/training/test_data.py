@@ -24,15 +24,6 @@ from dspark.platform.training.prompts import Prompt, PromptSourceError, jsonl_pr
 from dspark.verifier_service.engine import VerifierEngine
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids oversubscription."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def demo(tiny_demo_target):
     return load_target(TargetConfig(path=str(tiny_demo_target.path)))

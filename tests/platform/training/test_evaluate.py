@@ -32,15 +32,6 @@ from dspark.verifier_service.engine import StepRecord
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one torch thread is ~50x faster than two contending."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------------------ pure aggregation
 L = np.array([3, 3, 2, 0])
 A = np.array([3, 1, 0, 0])

@@ -23,14 +23,6 @@ from dspark.platform.training.feature_cache import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def demo(tiny_demo_target):
     return load_target(TargetConfig(path=str(tiny_demo_target.path)))
