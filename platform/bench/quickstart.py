@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
     tps = re.findall(r"^\d+ tokens in .*tokens/s.*$", demo_log, re.M)
     passed = re.findall(r"=+ (.*(?:passed|failed).*) in ", (tmp / "test.log").read_text(errors="replace"))
     rows = [
-        ["`make demo` (fresh .venv + demo target build + completion)", f"{demo_s / 60:.1f} min"],
+        ["`make demo` (fresh .venv + " + ("demo target build" if not args.reuse_cache else "cached demo target")
+         + " + completion)", f"{demo_s / 60:.1f} min"],
         ["  of which the demo target build", f"{manifest['seconds']['total'] / 60:.1f} min "
          f"(tokenizer {manifest['seconds']['tokenizer']:.0f} s, training {manifest['seconds']['train']:.0f} s)"],
         ["  demo target validation loss", f"{manifest['validation_loss']:.4f} nats/token (perplexity "

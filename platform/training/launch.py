@@ -136,6 +136,9 @@ def run_training(cfg: TrainConfig, *, max_failures: int = 0, log: Callable[[str]
     (run_dir / "train_config.json").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
     storage = run_dir / "ray"
     done_step, resume = _latest_checkpoint(storage, "train")
+    if resume is not None and done_step >= cfg.steps:  # finished earlier: nothing to train
+        log(f"{cfg.name} already trained to step {done_step}; reusing its final checkpoint")
+        return _finish(run_dir, Path(resume.path), _last_metrics(run_dir))
     if resume is not None:
         log(f"resuming {cfg.name} from step {done_step}")
     if not ray.is_initialized():
@@ -164,10 +167,20 @@ def run_training(cfg: TrainConfig, *, max_failures: int = 0, log: Callable[[str]
     ckpt = result.checkpoint
     if ckpt is None:
         raise RuntimeError("training finished without a checkpoint")
-    src = Path(ckpt.to_directory())
+    return _finish(run_dir, Path(ckpt.to_directory()), dict(result.metrics or {}))
+
+
+def _last_metrics(run_dir: Path) -> dict:
+    f = run_dir / "metrics.jsonl"
+    lines = f.read_text().splitlines() if f.is_file() else []
+    return json.loads(lines[-1]) if lines else {}
+
+
+def _finish(run_dir: Path, src: Path, metrics: dict) -> TrainResult:
+    """Copy the checkpoint's drafter to ``<run>/drafter`` (a normal drafter checkpoint)."""
     state = json.loads((src / "trainer_state.json").read_text())
     final = run_dir / "drafter"
     if final.exists():
         shutil.rmtree(final)
     shutil.copytree(src / "drafter", final)
-    return TrainResult(run_dir, final, int(state["step"]), dict(result.metrics or {}))
+    return TrainResult(run_dir, final, int(state["step"]), metrics)

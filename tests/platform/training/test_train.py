@@ -111,6 +111,16 @@ def test_two_worker_zero2_run_trains_and_saves_a_loadable_drafter(dense_run, tin
     assert drafter.block_size == 3
 
 
+def test_rerunning_a_finished_run_reuses_it(dense_run):
+    from dspark.platform.training.launch import run_training
+
+    cfg, res = dense_run
+    lines = (res.run_dir / "metrics.jsonl").read_text()
+    again = run_training(cfg, log=lambda m: None)
+    assert again.steps == 4 and again.drafter_dir == res.drafter_dir and again.drafter_dir.is_dir()
+    assert (res.run_dir / "metrics.jsonl").read_text() == lines  # nothing was trained again
+
+
 def test_kill_and_resume_matches_an_uninterrupted_run(dense_run, tiny_demo_target, dense_data, tmp_path, monkeypatch):
     from dspark.drafter_service.checkpoint import load_drafter, trainable_state_dict
     from dspark.platform.config import TargetConfig
