@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = [
         ["`make demo` (fresh .venv + " + ("demo target build" if not args.reuse_cache else "cached demo target")
          + " + completion)", f"{demo_s / 60:.1f} min"],
-        ["  of which the demo target build", f"{manifest['seconds']['total'] / 60:.1f} min "
+        ["  of which the demo target build" if not args.reuse_cache else "  the cached demo target's own build",
+         f"{manifest['seconds']['total'] / 60:.1f} min "
          f"(tokenizer {manifest['seconds']['tokenizer']:.0f} s, training {manifest['seconds']['train']:.0f} s)"],
         ["  demo target validation loss", f"{manifest['validation_loss']:.4f} nats/token (perplexity "
          f"{manifest['validation_perplexity']:.2f}) over {manifest['validation_tokens']:,} tokens"],
