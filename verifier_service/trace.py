@@ -215,9 +215,7 @@ def record_trace(
     Request i (id ``"<i>:<prompt id>"``) samples with seed ``seed·1_000_003 + i``, as ``dspark eval``
     does. Returns the trace and each request's final output (with the engine's own statistics)."""
     from dspark.platform.config import EngineConfig
-    from dspark.platform.contracts import GenerationRequest, SamplingParams
-    from dspark.scheduler.policies import FixedPolicy
-    from dspark.verifier_service.engine import VerifierEngine
+    from dspark.platform.training.evaluate import run_static
 
     engine = engine or EngineConfig()
     gamma = int(drafter.block_size)
@@ -226,14 +224,8 @@ def record_trace(
         raise ValueError("record_trace needs at least one prompt")
     request_ids = [f"{i}:{pid}" for i, (pid, _) in enumerate(items)]
     recorder = TraceRecorder(gamma, request_ids)
-    eng = VerifierEngine(
-        target, drafter, FixedPolicy(), max_batch_size=engine.max_batch_size, max_model_len=engine.max_model_len,
-        prefill_chunk=engine.prefill_chunk, seed=engine.seed, observer=recorder,
-    )
-    outputs = eng.generate(
-        GenerationRequest(rid, ids, SamplingParams(max_tokens=max_tokens, temperature=float(temperature), seed=seed * 1_000_003 + i))
-        for i, (rid, (_, ids)) in enumerate(zip(request_ids, items))
-    )
+    outputs = run_static(target, drafter, [(rid, ids) for rid, (_, ids) in zip(request_ids, items)],
+                         temperature=temperature, max_tokens=max_tokens, engine=engine, seed=seed, observer=recorder)
     header = {
         "target": target_name or type(target.model).__name__,
         "drafter": drafter_name or type(drafter).__name__,

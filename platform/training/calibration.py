@@ -254,10 +254,7 @@ class CalibrationReport:
         return json_safe(asdict(self))
 
     def save_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        return write_json(self.to_dict(), path)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CalibrationReport":
@@ -281,6 +278,14 @@ class CalibrationReport:
                      f"{f(self.mean('brier_before'))} → {f(self.mean('brier_after'))}"])
         head = ["k", "steps with ℓ ≥ k", "accept@k", "T_k", f"ECE ({self.bins} bins)", "AUROC", "Brier"]
         return markdown_table(head, rows)
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    """Write a JSON-safe dict (see :func:`json_safe`) to ``path``, creating its folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+    return path
 
 
 def json_safe(x: Any) -> Any:

@@ -25,7 +25,6 @@ Positions that no step verified get NaN in memory and ``null`` in JSON.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,6 +55,7 @@ __all__ = [
     "EvalResult",
     "summarize",
     "load_prompts",
+    "run_static",
     "run_prompts",
     "evaluate_drafter",
     "plot_positions",
@@ -316,10 +316,9 @@ class EvalResult:
         return json_safe(asdict(self))
 
     def save_json(self, path: str | Path) -> Path:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        from dspark.platform.training.calibration import write_json
+
+        return write_json(self.to_dict(), path)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EvalResult":
@@ -404,6 +403,36 @@ def load_prompts(tokenizer: Any, spec: str, cfg: EvalConfig) -> tuple[str, list[
     return name, prompts
 
 
+def run_static(
+    target: Any,  # FrozenTarget
+    drafter: Any,  # Drafter (or any object with its methods)
+    requests: Sequence[tuple[str, Sequence[int]]],  # (request id, prompt token ids)
+    *,
+    temperature: float,
+    max_tokens: int,
+    engine: EngineConfig | None = None,
+    seed: int = 0,
+    observer: Any = None,  # step observer (StepRecord -> None)
+) -> dict[str, "RequestOutput"]:
+    """Run requests through a fresh engine with whole-block verification (``FixedPolicy()``);
+    request i samples with seed ``seed·1_000_003 + i``. The one runner evaluation, calibration
+    and trace recording share, so their numbers come from identical engine settings."""
+    from dspark.platform.contracts import GenerationRequest, SamplingParams
+    from dspark.scheduler.policies import FixedPolicy
+    from dspark.verifier_service.engine import VerifierEngine
+
+    engine = engine or EngineConfig()
+    eng = VerifierEngine(
+        target, drafter, FixedPolicy(), max_batch_size=engine.max_batch_size, max_model_len=engine.max_model_len,
+        prefill_chunk=engine.prefill_chunk, seed=engine.seed, observer=observer,
+    )
+    return eng.generate(
+        GenerationRequest(rid, tuple(int(t) for t in ids),
+                          SamplingParams(max_tokens=max_tokens, temperature=float(temperature), seed=seed * 1_000_003 + i))
+        for i, (rid, ids) in enumerate(requests)
+    )
+
+
 def run_prompts(
     target: Any,  # FrozenTarget
     drafter: Any,  # Drafter (or any object with its methods)
@@ -414,25 +443,11 @@ def run_prompts(
     engine: EngineConfig | None = None,
     seed: int = 0,
 ) -> tuple[StepTable, dict[str, "RequestOutput"]]:
-    """Every prompt through a fresh engine with whole-block verification (``FixedPolicy()``).
-    Request i samples with seed ``seed·1_000_003 + i``. Returns the step table and each request's
-    final output, keyed ``"<i>:<prompt id>"``."""
-    from dspark.platform.contracts import GenerationRequest, SamplingParams
-    from dspark.scheduler.policies import FixedPolicy
-    from dspark.verifier_service.engine import VerifierEngine
-
-    engine = engine or EngineConfig()
+    """Every prompt through :func:`run_static`. Returns the step table and each request's final
+    output, keyed ``"<i>:<prompt id>"``."""
     collector = StepCollector(int(drafter.block_size))
-    eng = VerifierEngine(
-        target, drafter, FixedPolicy(), max_batch_size=engine.max_batch_size, max_model_len=engine.max_model_len,
-        prefill_chunk=engine.prefill_chunk, seed=engine.seed, observer=collector,
-    )
-    requests = [
-        GenerationRequest(f"{i}:{p.id}", tuple(p.token_ids),
-                          SamplingParams(max_tokens=max_tokens, temperature=float(temperature), seed=seed * 1_000_003 + i))
-        for i, p in enumerate(prompts)
-    ]
-    outputs = eng.generate(requests)
+    outputs = run_static(target, drafter, [(f"{i}:{p.id}", p.token_ids) for i, p in enumerate(prompts)],
+                         temperature=temperature, max_tokens=max_tokens, engine=engine, seed=seed, observer=collector)
     return collector.table(), outputs
 
 
