@@ -409,11 +409,15 @@ def bench_policies(config_path, overrides, drafter_path, kind, concurrency, max_
         f"the runs of one C taken round-robin over the policies. `off` is plain decoding (no drafter); `fixed L` "
         f"verifies L drafts per request; `prefix` (Algorithm 1) and `async` (capacity from confidences two steps old) "
         f"plan with an SPS profile measured on this engine at start-up ({len(sps.tokens)} points, batch tokens "
-        f"{sps.tokens[0]}..{sps.tokens[-1]}, {sps(sps.tokens[0]):.1f} to {sps(sps.tokens[-1]):.1f} steps/s; "
-        f"`{sps_path.name}` beside the plot). Every speculative run's output was checked identical to plain decoding. "
-        f"τ = tokens per request per verify step; mean ℓ = drafts verified per request per step; step ms = one batch "
-        f"step (draft + verify). The profile prices the verify forward only (drafting is not in Θ = τ·SPS(B)), and "
-        f"the engine pads ragged rows to R·(1 + max ℓ) tokens while the policies count Σ(1 + ℓ).\n\n"
+        f"{sps.tokens[0]}..{sps.tokens[-1]}, {sps(sps.tokens[0]):.1f} to {sps(sps.tokens[-1]):.1f} steps/s; draft pass "
+        f"{1e3 * sps.draft_time_s(1):.1f} ms at 1 request to {1e3 * sps.draft_time_s(max(concurrency)):.1f} ms at "
+        f"{max(concurrency)}; `{sps_path.name}` beside the plot): a step costs d(R) + 1/SPS(B), and before drafting "
+        f"they skip the draft pass when the best drafting step, sized from the last recorded confidences, would not "
+        f"beat plain decoding (the committed tokens' features then reach the drafter later, in one batch). Every "
+        f"speculative run's output was checked identical to plain decoding. τ = tokens per request per verify step; "
+        f"mean ℓ = drafts verified per request per step; step ms = one batch step (draft + verify); drafted = share "
+        f"of steps that ran a draft pass. The engine pads ragged rows to R·(1 + max ℓ) tokens while the policies "
+        f"count Σ(1 + ℓ).\n\n"
         f"{table}\n\n![policy throughput]({rel})\n"
     )
     write_section(output, "policies", "Verify-length policies on the verifier engine", body,
@@ -509,8 +513,10 @@ def _register_subcommands() -> None:
     from dspark.platform.training.data_cli import data
     from dspark.platform.training.eval_cli import calibrate_command, eval_command
 
+    from dspark.platform.serving.cli import serve_command
     from dspark.scheduler.sim_cli import simulate_command, trace_group
 
+    cli.add_command(serve_command)
     cli.add_command(data)
     cli.add_command(eval_command)
     cli.add_command(calibrate_command)

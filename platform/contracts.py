@@ -17,6 +17,8 @@ __all__ = [
     "SCHEMA_VERSION", "SamplingParams", "GenerationRequest", "RequestStats", "RequestOutput", "assert_no_tensors",
     # verifier replica <-> central scheduler actor
     "ReplicaInfo", "Heartbeat", "BudgetReply", "ReplicaView", "ClusterView",
+    # verifier replica <-> draft worker (disaggregated drafting)
+    "DraftOp", "DraftProposal", "DraftCall", "DraftReply",
 ]
 
 SCHEMA_VERSION = 1
@@ -156,6 +158,8 @@ class ReplicaInfo:
     forward (every running request's anchor plus its verified drafts), strictly increasing.
     ``sps_id`` names the profile (device, model, settings); left empty it is derived from the
     table's content, so a refreshed profile with different numbers gets a new identity.
+    ``draft_table`` is the draft cost: (R drafting requests, seconds per draft pass) pairs, R
+    strictly increasing; empty when not measured (drafting then counts as free).
     """
 
     replica_id: str
@@ -165,6 +169,7 @@ class ReplicaInfo:
     sps_table: tuple[tuple[int, float], ...]
     sps_id: str = ""
     schema_version: int = SCHEMA_VERSION
+    draft_table: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         table = _sps_pairs(self.sps_table)
@@ -183,11 +188,17 @@ class ReplicaInfo:
             problems.append("sps_table batch sizes must be strictly increasing")
         if table and any(not math.isfinite(v) or v <= 0 for _, v in table):
             problems.append("sps_table steps/s must be finite and positive")
+        draft = _sps_pairs(self.draft_table) if len(self.draft_table) else ()
+        if draft is None or any(r < 1 for r, _ in draft) or any(r2 <= r1 for (r1, _), (r2, _) in zip(draft, draft[1:])):
+            problems.append("draft_table must be (positive, strictly increasing request count, seconds) pairs")
+        elif any(not math.isfinite(v) or v < 0 for _, v in draft):
+            problems.append("draft_table seconds must be finite and >= 0")
         if problems:
             raise ValueError(f"replica {self.replica_id!r}: " + "; ".join(problems))
         object.__setattr__(self, "sps_table", table)
+        object.__setattr__(self, "draft_table", draft)
         if not self.sps_id:
-            digest = hashlib.sha1(repr(table).encode()).hexdigest()[:12]
+            digest = hashlib.sha1(repr((table, draft)).encode()).hexdigest()[:12]
             object.__setattr__(self, "sps_id", f"sps-{digest}")
 
 
@@ -283,3 +294,85 @@ class ClusterView:
     replicas: tuple[ReplicaView, ...]
     goodput: float  # Σ of the replicas' expected goodput
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Verifier replica <-> draft worker. One call per drafting step: the context changes queued since
+# the last call (ops, applied in order) plus the proposal. Tensors travel only where they must:
+# the committed tokens' target features (the drafter's context) one way, and the drafted token
+# ids and confidences back; draft logits only for the rows that sample (greedy verification needs
+# the tokens alone). A session is one verifier replica's context cache on one worker; its epoch
+# changes when the worker loses it (restart), which tells the replica its contexts are gone.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DraftOp:
+    """One change to a session's draft context: ``append`` (tokens [R, n] int64, features [R, n, F],
+    last_hidden [R, n, d], lengths [R] int64, for ``slots``), ``reset`` (slots), ``move``
+    (slots = (src,), arg = dst) or ``truncate`` (slots = (slot,), arg = new length)."""
+
+    kind: str
+    slots: tuple[int, ...]
+    tokens: Any = None
+    features: Any = None
+    last_hidden: Any = None
+    lengths: Any = None
+    arg: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("append", "reset", "move", "truncate"):
+            raise ValueError(f"unknown draft op {self.kind!r}")
+        if self.kind == "append" and any(x is None for x in (self.tokens, self.features, self.last_hidden, self.lengths)):
+            raise ValueError("an append op needs tokens, features, last_hidden and lengths")
+
+
+@dataclass(frozen=True)
+class DraftProposal:
+    """Draft a block for each of ``slots`` (anchor token and its position = the slot's context
+    length). Sampling parameters per row; ``seeds`` make sampled drafts reproducible (None =
+    greedy rows or no seed); ``want_logits`` marks the rows whose draft logits must come back."""
+
+    slots: tuple[int, ...]
+    anchors: tuple[int, ...]
+    positions: tuple[int, ...]
+    temperature: tuple[float, ...]
+    top_k: tuple[int, ...]
+    top_p: tuple[float, ...]
+    seeds: tuple[int | None, ...]
+    want_logits: tuple[bool, ...]
+
+    def __post_init__(self) -> None:
+        n = len(self.slots)
+        if any(len(getattr(self, f)) != n for f in ("anchors", "positions", "temperature", "top_k", "top_p", "seeds", "want_logits")):
+            raise ValueError("every DraftProposal field needs one entry per slot")
+
+
+@dataclass(frozen=True)
+class DraftCall:
+    """What a replica sends a draft worker: its session, the session epoch its context belongs to
+    (None = first contact), the cache shape, the queued ops and (optionally) a proposal."""
+
+    session: str
+    epoch: int | None
+    max_slots: int
+    max_len: int
+    ops: tuple[DraftOp, ...] = ()
+    proposal: DraftProposal | None = None
+    # index of ops[0] in the session's op stream: a call re-sent after a timeout whose first
+    # attempt did arrive is not applied twice (the worker skips the ops it has)
+    first_op: int = 0
+    schema_version: int = SCHEMA_VERSION
+
+
+@dataclass(frozen=True)
+class DraftReply:
+    """The worker's answer. ``lost``: the caller's epoch is not the session's (the worker lost
+    it), so no op was applied and nothing was drafted; every context must be rebuilt."""
+
+    epoch: int
+    lost: bool = False
+    tokens: Any = None  # [R, γ] int64
+    confidences: Any = None  # [R, γ] float32, or None without a confidence head
+    logits: Any = None  # [R_s, γ, V] float32 for the rows with want_logits, in order; None if none
+    worker: str = ""  # which worker answered (for metrics and tests)

@@ -170,7 +170,7 @@ class SchedulerCore:
         assert hb is not None
         alpha = hb.accept_rate if hb.accept_rate is not None else self.config.prior_accept_rate
         return ReplicaDemand(info.replica_id, info.sps_table, info.gamma, info.max_batch_size,
-                             hb.running, hb.queue_depth, hb.load, alpha)
+                             hb.running, hb.queue_depth, hb.load, alpha, info.draft_table)
 
     def _replan(self, only: str | None = None) -> None:
         """Recompute budgets: of one replica (without a cluster cap the objective is separable,

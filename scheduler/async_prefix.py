@@ -3,6 +3,10 @@ step (how many draft tokens the batch verifies) is decided from confidences ``la
 (2 in production), by a global search over the whole SPS curve; the current step's survivals
 only pick *which* K candidates fill it (dynamic top-K). Pure numpy, no torch.
 
+Draft cost: the capacity search prices the step's (sunk) draft pass, and before drafting the
+policy skips the pass when even the best drafting step, sized from the latest recorded survivals,
+would not beat plain decoding (``dspark.scheduler.prefix.PlanGate``).
+
 Why two steps: with zero-overhead scheduling the host plans step t while step t−1 still runs on
 the device, so t−1's confidences are not available yet; and a batch size known one step ahead
 lets the engine replay a captured graph for it. For losslessness any lag >= 1 would do.
@@ -10,13 +14,14 @@ lets the engine replay a captured graph for it. For losslessness any lag >= 1 wo
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from dspark.scheduler.history import SurvivalHistory, stale_survival
 from dspark.scheduler.policies import BatchView, Policy, flat_survival, lengths_from_admitted, rank_candidates
-from dspark.scheduler.prefix import goodput_curve, prefix_lengths
-from dspark.scheduler.sps import SPSProfile, StepCurve
+from dspark.scheduler.prefix import PlanGate, drafting_requests, goodput_curve, prefix_lengths
+from dspark.scheduler.sps import SPSProfile, StepCurve, draft_seconds
 
 __all__ = ["global_capacity", "top_k_lengths", "stale_survival", "AsyncPrefixPolicy"]
 
@@ -26,6 +31,7 @@ def global_capacity(
     limits: np.ndarray,  # [R] int
     sps: SPSProfile | StepCurve,
     budget: int | None = None,
+    draft_s: float = 0.0,  # seconds of the step's draft pass (sunk)
 ) -> int:
     """K = argmax_n Θ_n over every leading part of the ranking (no early break; the first of
     equal maxima). On a step-wise curve this crosses tile edges when the tokens behind the edge
@@ -40,7 +46,7 @@ def global_capacity(
         rows, cols = rows[:budget], cols[:budget]
     if len(rows) == 0:
         return 0
-    return int(np.argmax(goodput_curve(a, rows, cols, sps)))
+    return int(np.argmax(goodput_curve(a, rows, cols, sps, draft_s)))
 
 
 def top_k_lengths(a: np.ndarray, limits: np.ndarray, k: int) -> list[int]:
@@ -50,40 +56,22 @@ def top_k_lengths(a: np.ndarray, limits: np.ndarray, k: int) -> list[int]:
     return lengths_from_admitted(rows[: max(0, int(k))], a.shape[0])
 
 
-def stale_survival(
-    request_ids: Sequence[str],  # [R] the current requests
-    index: Mapping[str, int],  # request id -> row of ``rows``
-    rows: np.ndarray,  # [M, γ] survivals recorded ``lag`` steps ago
-) -> np.ndarray | None:
-    """[R, γ] survivals recorded ``lag`` steps ago for the current requests.
-
-    A request that was not running then (or not drafting) gets the mean of the recorded rows:
-    still information from before this step. None when nothing was recorded.
-    Example: ids (a, c), index {a: 0, b: 1}, rows [[.9, .81], [.2, .04]] -> [[.9, .81], [.55, .425]].
-    """
-    if len(rows) == 0:
-        return None
-    M = len(rows)
-    table = np.concatenate([rows, rows.mean(axis=0, keepdims=True)])  # [M+1, γ]: the mean last
-    pick = np.fromiter((index.get(rid, M) for rid in request_ids), dtype=np.int64, count=len(request_ids))
-    return table[pick]
-
-
 class AsyncPrefixPolicy(Policy):
     """Capacity from stale confidences, admission by current survival (the "async" policy).
 
-    At step t: K_t = :func:`global_capacity` on the survivals recorded at step t − ``lag`` for
-    the current requests (budget and current per-request limits applied); then the top K_t
-    candidates by *current* survival are verified (:func:`top_k_lengths`). Until ``lag`` steps
-    have been recorded (start-up) Algorithm 1 decides instead (``PrefixPolicy``, also lossless).
-    Per-request state is the last ``lag`` steps' survival rows keyed by request id, so requests
-    joining and leaving need no bookkeeping: rows older than ``lag`` steps are dropped.
+    At a drafting step t: K_t = :func:`global_capacity` on the survivals recorded ``lag`` drafting
+    steps earlier, for the current requests (budget, current per-request limits and the sunk draft
+    cost applied); then the top K_t candidates by *current* survival are verified
+    (:func:`top_k_lengths`). Until ``lag`` steps have been recorded (start-up) Algorithm 1 decides
+    instead (``PrefixPolicy``, also lossless). Per-request state is the last ``lag`` steps' survival
+    rows keyed by request id, so requests joining and leaving need no bookkeeping. Before drafting,
+    ``plan`` skips the draft pass when it would not pay (:class:`~dspark.scheduler.prefix.PlanGate`).
 
-    **Why it is lossless.** K_t is a function of the history only: survivals of drafts from step
-    t − lag (all verified and committed before step t's drafts were sampled), the set of running
-    requests, their limits, the budget and the SPS curve. Given K_t, candidate (r, k) is admitted
-    iff fewer than K_t candidates rank before it, and every candidate that can rank before it is
-    independent of the sampled d_{r,k} (the ranking argument of ``dspark.scheduler.policies``):
+    **Why it is lossless.** K_t is a function of the history only: survivals of drafts from an
+    earlier step (all verified and committed before step t's drafts were sampled), the set of
+    running requests, their limits, the budget and the cost curves. Given K_t, candidate (r, k) is
+    admitted iff fewer than K_t candidates rank before it, and every candidate that can rank before
+    it is independent of the sampled d_{r,k} (the ranking argument of ``dspark.scheduler.policies``):
     the candidates of request r that depend on d_{r,k} are (r, j > k), which rank after it. So
     the decision to verify d_{r,k} uses d_{r,<k}, other requests and the history, never d_{r,k}.
     That is why the global search (no early break) is allowed here: it runs on stale numbers,
@@ -91,7 +79,7 @@ class AsyncPrefixPolicy(Policy):
     search (the tests show its bias); hence ``lag >= 1``.
     """
 
-    def __init__(self, sps: SPSProfile | StepCurve, *, lag: int = 2, prior: float = 0.7):
+    def __init__(self, sps: SPSProfile | StepCurve, *, lag: int = 2, prior: float = 0.7, refresh: int = 64):
         if lag < 1:
             raise ValueError("lag must be >= 1 (capacity from the current step's confidences is not lossless)")
         if not 0.0 <= prior <= 1.0:
@@ -99,28 +87,26 @@ class AsyncPrefixPolicy(Policy):
         self.sps = sps
         self.lag = lag
         self.prior = prior
-        self._step = 0
-        # step -> (request id -> row, survivals [M, γ]) of the rows that could verify
-        self._history: dict[int, tuple[dict[str, int], np.ndarray]] = {}
+        self.history = SurvivalHistory(lag)
+        self.gate = PlanGate(sps, self.history, refresh)
         self.last_capacity: int | None = None  # K of the last step; None = Algorithm 1 decided
         self.cold_steps = 0  # steps decided by Algorithm 1 for lack of history
 
+    def plan(self, view: BatchView) -> bool:
+        return self.gate(view)
+
     def choose(self, view: BatchView) -> list[int]:
-        t, self._step = self._step, self._step + 1
         a = flat_survival(view, self.prior)  # [R, γ] current survival
         limits = view.limits()  # [R]
-        index, rows = self._history.get(t - self.lag, ({}, np.zeros((0, view.gamma))))
-        old = stale_survival(view.request_ids, index, rows)
-        if old is None or old.shape[1] != view.gamma:
-            lengths = prefix_lengths(a, limits, self.sps, view.budget_tokens)
+        d = draft_seconds(self.sps, drafting_requests(limits))
+        old = self.history.lookup(view.request_ids, self.lag, view.gamma)
+        if old is None:
+            lengths = prefix_lengths(a, limits, self.sps, view.budget_tokens, d)
             self.last_capacity = None
             self.cold_steps += 1
         else:
-            self.last_capacity = global_capacity(old, limits, self.sps, view.budget_tokens)
+            self.last_capacity = global_capacity(old, limits, self.sps, view.budget_tokens, d)
             lengths = top_k_lengths(a, limits, self.last_capacity)
-        # remember this step's survivals (rows that could verify: the others carry no drafts)
-        keep = np.flatnonzero(limits > 0)  # [M]
-        self._history[t] = ({view.request_ids[i]: j for j, i in enumerate(keep.tolist())}, a[keep])
-        for s in [s for s in self._history if s <= t - self.lag]:
-            del self._history[s]
+        self.history.record(view.request_ids, a, limits)
+        self.gate.drafted()
         return lengths

@@ -18,12 +18,15 @@ The model of one replica (every input comes from its registration and its latest
 * t(B): seconds per step, read from the replica's profile exactly as ``dspark.scheduler.sps``
   reads one (linear between points; a step-wise curve carries both sides of every jump). The
   plan never goes past the largest profiled B: b <= B_max - R, because nothing is known there.
+* d: seconds of one draft pass over the R requests (the registration's ``draft_table``; 0 when
+  not measured), paid by every step with b > 0 and skipped at b = 0 (the engine does not draft
+  then). So b = 0 wins unless the drafts pay for their own drafting as well.
 * load u in [0, 1]: the fraction of wall time the replica's device is busy (NVML utilisation),
   or the fraction its step loop is busy where there is no GPU. A replica busy only u of the
   time spends about (1 - u)/u of a forward's time per step on other things (waiting for drafts,
   host work, waiting for requests): o = t(R)·(1 - u)/u seconds that are paid whatever the
   budget, so verify tokens are relatively cheaper there. u is floored at 0.001.
-* G(b) = T(b) / (t(R + b) + o) tokens/s, and the replica's budget is b* = argmax_b G(b).
+* G(b) = T(b) / (t(R + b) + d·[b > 0] + o) tokens/s, and the replica's budget is b* = argmax_b G(b).
   At u = 1 this is exactly the paper's objective Θ = τ·SPS(B); as u falls o grows and b* can
   only grow (log G has increasing differences in (b, o) wherever t is non-decreasing in B, so
   the smallest argmax is monotone in o): "verify more when the GPUs are idle, less when busy",
@@ -75,6 +78,7 @@ class ReplicaDemand:
     queue_depth: int
     load: float  # [0, 1]
     accept_rate: float  # α in [0, 1]
+    draft_table: Sequence[tuple[int, float]] = ()  # (R, seconds per draft pass); () = drafting is free
 
     @property
     def requests(self) -> int:
@@ -120,6 +124,8 @@ def goodput_curve(d: ReplicaDemand) -> np.ndarray:
     largest = max(int(p[0]) for p in d.sps_table)
     b = np.arange(0, max(0, min(R * gamma, largest - R)) + 1, dtype=np.int64)  # [b_max + 1]
     t = step_time(d.sps_table, R + b)  # [R·γ + 1] profiled forward times
+    if len(d.draft_table):  # b > 0 needs a draft pass first; b = 0 skips it
+        t[1:] += SPSProfile.from_points(d.sps_table, draft_points=tuple(d.draft_table)).draft_time_s(R)
     u = float(np.clip(d.load, MIN_LOAD, 1.0))
     overhead = t[0] * (1.0 - u) / u  # o: per-step seconds outside the forward, budget-independent
     return expected_tokens(d.accept_rate, R, gamma, b) / (t + overhead)

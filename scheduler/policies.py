@@ -44,6 +44,7 @@ __all__ = [
     "lengths_from_admitted",
     "trim_to_budget",
     "decide_lengths",
+    "should_draft",
     "clip_lengths",
 ]
 
@@ -103,10 +104,18 @@ LegacyPolicy = Callable[[np.ndarray | None, int, int], Sequence[int]]
 
 
 class Policy:
-    """Base of the policies here: ``choose(view)``, plus the old call form for existing callers."""
+    """Base of the policies here: ``choose(view)``, plus the old call form for existing callers.
+
+    ``plan(view)`` is asked *before* the step's draft pass, with a view without confidences:
+    False skips drafting for the step (every ℓ = 0, no draft cost). It may use only what is known
+    before the step's drafts exist, so it is lossless whatever it decides. Default: always draft.
+    """
 
     def choose(self, view: BatchView) -> list[int]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def plan(self, view: BatchView) -> bool:
+        return True
 
     def __call__(self, confidences: np.ndarray | None, gamma: int, num_requests: int) -> list[int]:
         return self.choose(BatchView.of(confidences, gamma, num_requests))
@@ -188,6 +197,16 @@ def decide_lengths(policy: VerifyPolicy | LegacyPolicy, view: BatchView) -> list
     return trim_to_budget(lengths, a, view.budget_tokens)
 
 
+def should_draft(policy: VerifyPolicy | LegacyPolicy, view: BatchView) -> bool:
+    """The engine's pre-draft question: does this step draft at all? ``view`` has no confidences
+    (nothing is drafted yet). Policies without ``plan`` (the old interface) always draft; a view
+    whose budget or limits allow no draft token never does."""
+    if view.budget_tokens == 0 or view.num_requests == 0 or not view.limits().any():
+        return False
+    plan = getattr(policy, "plan", None)
+    return bool(plan(view)) if plan is not None else True
+
+
 def clip_lengths(lengths: Sequence[int], limits: Sequence[int]) -> list[int]:
     """Element-wise min(ℓ_r, limit_r), never below 0."""
     return [max(0, min(int(a), int(b))) for a, b in zip(lengths, limits)]
@@ -205,6 +224,9 @@ class OffPolicy(Policy):
     def choose(self, view: BatchView) -> list[int]:
         return [0] * view.num_requests
 
+    def plan(self, view: BatchView) -> bool:
+        return False
+
 
 class FixedPolicy(Policy):
     """Verify the first ``length`` drafts of every request (None = the whole block).
@@ -215,6 +237,9 @@ class FixedPolicy(Policy):
         if length is not None and length < 0:
             raise ValueError("length must be >= 0")
         self.length = length
+
+    def plan(self, view: BatchView) -> bool:
+        return self.length != 0
 
     def choose(self, view: BatchView) -> list[int]:
         n = view.gamma if self.length is None else min(self.length, view.gamma)

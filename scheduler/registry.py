@@ -68,6 +68,8 @@ class _SPSPolicyConfig(StrictModel):
         "the profile measured by the engine.")
     prior: float = Field(0.7, ge=0.0, le=1.0, description="Per-token acceptance assumed when the drafter "
                          "has no confidence head.")
+    refresh: int = Field(64, ge=0, description="After this many steps in a row without drafting (drafting did not "
+                         "pay), draft once to refresh the survival statistics (0 = never).")
 
 
 class PrefixPolicyConfig(_SPSPolicyConfig):
@@ -115,8 +117,8 @@ def build_policy_from_config(cfg: PolicyConfig, *, sps: SPSProfile | StepCurve |
     if curve is None:
         raise ValueError(f"policy {cfg.name!r} needs an SPS profile: set sps_profile or pass a measured one")
     if isinstance(cfg, PrefixPolicyConfig):
-        return PrefixPolicy(curve, prior=cfg.prior)
-    return AsyncPrefixPolicy(curve, lag=cfg.lag, prior=cfg.prior)
+        return PrefixPolicy(curve, prior=cfg.prior, refresh=cfg.refresh)
+    return AsyncPrefixPolicy(curve, lag=cfg.lag, prior=cfg.prior, refresh=cfg.refresh)
 
 
 def build_policy(name: str, *, sps: SPSProfile | StepCurve | None = None, **params) -> Policy:

@@ -81,24 +81,45 @@ def _invocation() -> str:
 @click.option("--min-request-steps", type=click.IntRange(0), default=4000, show_default=True,
               help="Request-steps per point, at least (small concurrencies run more steps).")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True, help="Seeds the draws of request trajectories.")
+@click.option("--prior", type=click.FloatRange(0.0, 1.0), default=None,
+              help="prefix/async: per-token acceptance assumed for a drafter without a confidence head (default 0.7).")
+@click.option("--lag", type=click.IntRange(1, 64), default=None, help="async: age in steps of the confidences that size a step (default 2).")
+@click.option("--refresh", type=click.IntRange(0), default=None,
+              help="prefix/async: draft once after this many steps without drafting (default 64; 0 = never).")
+@click.option("--draft-cost/--no-draft-cost", default=True, show_default=True,
+              help="Charge (and let the policies weigh) the profile's draft pass; --no-draft-cost prices it at 0 "
+                   "(the paper's Θ = τ·SPS(B)).")
 @click.option("--output", default="BENCHMARKS.md", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--plot", "plot_path", default="benchmarks/simulate.png", show_default=True, type=click.Path(dir_okay=False))
 @click.option("--no-write", is_flag=True, help="Print only; leave BENCHMARKS.md and the plot alone.")
 @_user_errors
-def simulate_command(trace_path, sps_spec, concurrency, replicas, policies, steps, min_request_steps, seed, output, plot_path,
-                     no_write) -> None:
+def simulate_command(trace_path, sps_spec, concurrency, replicas, policies, steps, min_request_steps, seed, prior, lag, refresh,
+                     draft_cost, output, plot_path, no_write) -> None:
     """Replay a recorded trace against an SPS curve: goodput of each verify-length policy from 1 to
     1024 concurrent requests over 1 to 8 replicas."""
-    from dspark.scheduler.simulator import default_policies, load_sps, parse_policies, plot, render_markdown, run_grid
+    from dspark.scheduler.simulator import (
+        default_policies,
+        load_sps,
+        parse_policies,
+        plot,
+        render_markdown,
+        run_grid,
+        without_draft_cost,
+    )
     from dspark.verifier_service.trace import load_trace
 
     trace = load_trace(trace_path)
     traj = trace.trajectories()
     specs = parse_policies(policies, traj.gamma) if policies is not None else default_policies(traj.gamma)
     sps, sps_name = load_sps(sps_spec)
-    click.echo(f"trace: {trace.describe()}\nSPS: {sps_name}", err=True)
+    if not draft_cost:
+        sps = without_draft_cost(sps)
+    drafting = (f"draft pass {1e3 * sps.draft_time_s(1):.2f} ms at 1 request, {1e3 * sps.draft_time_s(1024):.2f} ms at "
+                f"1024" if getattr(sps, "draft_points", ()) else "no draft cost (drafting priced at 0)")
+    params = {"prior": prior, "lag": lag, "refresh": refresh}
+    click.echo(f"trace: {trace.describe()}\nSPS: {sps_name}; {drafting}", err=True)
     results = run_grid(traj, sps, specs, concurrency=concurrency, replicas=replicas, steps=steps,
-                       min_request_steps=min_request_steps, seed=seed, progress=True)
+                       min_request_steps=min_request_steps, seed=seed, progress=True, policy_params=params)
     table = render_markdown(results)
     click.echo(table)
     if no_write:
@@ -112,14 +133,16 @@ def simulate_command(trace_path, sps_spec, concurrency, replicas, policies, step
     body = (
         f"Trace `{Path(trace_path).name}`: drafter {h['drafter']} on {h['target']}, γ = {traj.gamma}, sampling "
         f"T = {h['temperature']:g}, {traj.num_trajectories} requests, {traj.num_rows} steps with known full-block "
-        f"acceptance, recorded τ = {trace.tau():.3f}. SPS curve: {sps_name}. Per point, each replica simulates at "
+        f"acceptance, recorded τ = {trace.tau():.3f}. SPS curve: {sps_name}; {drafting}. Scheduled policies: "
+        + ", ".join(f"{k} {v}" for k, v in params.items() if v is not None) + (" (" if any(v is not None for v in params.values()) else "")
+        + "defaults otherwise" + (")" if any(v is not None for v in params.values()) else "") + ". Per point, each replica simulates at "
         f"least {steps} steps and all replicas together at least {min_request_steps} request-steps; seed {seed}. "
-        f"Every step, each running request takes its trajectory's next recorded block, the policy picks ℓ, the "
-        f"request emits min(a, ℓ) + 1 tokens and the step costs 1/SPS(Σ(1 + ℓ)); finished requests are replaced at "
-        f"once. Goodput = emitted tokens / simulated time, summed over replicas. Simulated, not measured: draft "
-        f"cost is not counted.\n\n{table}\n\n![simulated goodput]({rel})\n"
+        f"Every step, each running request takes its trajectory's next recorded block, the policy decides whether to "
+        f"draft and picks ℓ, the request emits min(a, ℓ) + 1 tokens and the step costs d(R)·[drafted] + 1/SPS(Σ(1 + ℓ)); "
+        f"finished requests are replaced at once. Goodput = emitted tokens / simulated time, summed over replicas. "
+        f"Simulated, not measured.\n\n{table}\n\n![simulated goodput]({rel})\n"
     )
-    curve = "h100" if sps_spec == "h100" else Path(sps_spec).stem  # one section per SPS curve
+    curve = ("h100" if sps_spec == "h100" else Path(sps_spec).stem) + ("" if draft_cost else "-no-draft-cost")
     write_section(output, f"simulate-{curve}", f"Scheduling simulator: goodput per verify-length policy ({sps_name})", body,
                   command=_invocation())
     click.echo(f"wrote {output} and {plot_path}", err=True)

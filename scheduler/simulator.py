@@ -10,7 +10,11 @@ Model, per replica, per simulated step, for its R running requests:
 * each request takes the next row of its trajectory: confidences [γ] and full-block acceptance a;
 * the policy picks ℓ_r from the [R, γ] confidences; the request accepts min(a_r, ℓ_r) drafts
   (acceptance is prefix-closed, see the trace module) and emits min(a_r, ℓ_r) + 1 tokens;
-* the step costs 1 / SPS(B) seconds with B = Σ_r (1 + ℓ_r);
+* before that, the policy's pre-draft ``plan`` decides whether the step drafts at all (``off``
+  never does; ``prefix``/``async`` skip the draft pass when it would not pay); a step that does
+  not draft verifies nothing;
+* the step costs d(R) + 1 / SPS(B) seconds with B = Σ_r (1 + ℓ_r) and d(R) the profile's draft
+  pass over the R requests (``draft_points``), charged only when the step drafted;
 * a request whose trajectory ends finishes and a new one takes its place at once (concurrency
   stays constant), its trajectory drawn uniformly by a seeded RNG. At the start every request sits
   on a uniformly drawn row, i.e. at a random point of a random request: the steady-state mix.
@@ -22,14 +26,15 @@ Trajectories advance one row per step whatever the policy, so the requests' draw
 stream) are the same for every policy at a given (seed, concurrency, replicas): policies are
 compared on identical inputs. The price is an approximation: a request that verifies a shorter
 prefix would, in reality, draft its next block from a different position; here it takes the
-recorded next block. Draft cost is not modelled (SPS counts verifier steps only), as in the
-paper's objective Θ = τ·SPS(B).
+recorded next block. A profile without draft points prices drafting at 0, the paper's objective
+Θ = τ·SPS(B); ``without_draft_cost`` strips them from one that has them.
 
 Pure Python + numpy; no torch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +44,7 @@ import numpy as np
 
 from dspark.scheduler import policies as _policies
 from dspark.scheduler import registry as _registry
+from dspark.scheduler.sps import draft_seconds
 
 __all__ = [
     "SimulationError",
@@ -47,6 +53,7 @@ __all__ = [
     "parse_policies",
     "default_policies",
     "load_sps",
+    "without_draft_cost",
     "build_policy",
     "as_sps",
     "spread",
@@ -202,6 +209,13 @@ def load_sps(spec: str) -> tuple[Any, str]:
         raise SimulationError(f"{path}: not a readable SPS profile: {exc}") from None
 
 
+def without_draft_cost(profile: Any) -> Any:
+    """The profile with its draft points removed (drafting then costs nothing)."""
+    from dspark.scheduler.sps import SPSProfile
+
+    return dataclasses.replace(profile, draft_points=()) if isinstance(profile, SPSProfile) else profile
+
+
 def as_sps(profile: Any) -> SPSCurve:
     """A curve B -> steps/s: an ``SPSProfile`` (callable) or any function of B."""
     if not callable(profile):
@@ -209,17 +223,26 @@ def as_sps(profile: Any) -> SPSCurve:
     return profile
 
 
-def build_policy(spec: PolicySpec, sps: SPSCurve) -> Any:
+SCHEDULED_PARAMS = ("prior", "lag", "refresh")  # what ``policy_params`` may set
+
+
+def build_policy(spec: PolicySpec, sps: SPSCurve, policy_params: dict[str, Any] | None = None) -> Any:
     """A fresh policy from the policy registry (policies may keep state across steps: build one
-    per replica). ``prefix`` and ``async`` plan with the same SPS curve the simulation charges."""
+    per replica). ``prefix`` and ``async`` plan with the same SPS curve the simulation charges and
+    take ``policy_params`` (prior, refresh; lag for async only)."""
     params: dict[str, Any] = {}
+    extra = {k: v for k, v in (policy_params or {}).items() if v is not None}
+    if set(extra) - set(SCHEDULED_PARAMS):
+        raise SimulationError(f"unknown policy parameters {sorted(set(extra) - set(SCHEDULED_PARAMS))}")
     if spec.name == "fixed":
         params["length"] = None if spec.arg is None else int(spec.arg)
     elif spec.name == "threshold" and spec.arg is not None:
         params["threshold"] = float(spec.arg)
+    elif spec.name in ("prefix", "async"):
+        params.update({k: v for k, v in extra.items() if spec.name == "async" or k != "lag"})
     try:
         return _registry.build_policy(spec.name, sps=sps, **params)
-    except ValueError as exc:
+    except ValueError as exc:  # pydantic's ValidationError included
         raise SimulationError(f"policy {spec.label!r}: {exc}") from None
 
 
@@ -236,7 +259,9 @@ class ReplicaRun:
     tokens: int  # emitted: Σ (min(a, ℓ) + 1)
     verified: int  # Σ ℓ
     batch_tokens: int  # Σ B
-    seconds: float  # Σ 1 / SPS(B)
+    seconds: float  # Σ (d(R)·[drafted] + 1 / SPS(B))
+    drafted_steps: int = 0  # steps that ran a draft pass
+    draft_seconds: float = 0.0  # the draft part of ``seconds``
 
 
 def simulate_replica(
@@ -258,13 +283,20 @@ def simulate_replica(
     end = traj.starts[row_traj[ptr] + 1]  # [R] one past its trajectory's last row
     ids = [str(i) for i in range(R)]  # [R] request ids
     issued = R
-    tokens = verified = batch_tokens = 0
-    seconds = 0.0
+    tokens = verified = batch_tokens = drafted_steps = 0
+    seconds = draft_total = 0.0
+    draft_s = draft_seconds(sps, R)
     for _ in range(steps):
         conf = traj.confidences[ptr] if traj.confidences is not None else None  # [R, γ]
         try:
-            view = _policies.BatchView(conf, g, tuple(ids))
-            ell = np.asarray(_policies.decide_lengths(policy, view), dtype=np.int64)  # [R]
+            if _policies.should_draft(policy, _policies.BatchView(None, g, tuple(ids))):
+                view = _policies.BatchView(conf, g, tuple(ids))
+                ell = np.asarray(_policies.decide_lengths(policy, view), dtype=np.int64)  # [R]
+                drafted_steps += 1
+                draft_total += draft_s
+                seconds += draft_s
+            else:
+                ell = np.zeros(R, dtype=np.int64)
         except ValueError as exc:
             raise SimulationError(f"policy {type(policy).__name__}: {exc}") from None
         assert ell.shape == (R,) and ell.min() >= 0 and ell.max() <= g, ell  # decide_lengths enforces the limits
@@ -284,7 +316,7 @@ def simulate_replica(
             ptr[done], end[done] = traj.starts[t], traj.starts[t + 1]
             for i in done:
                 ids[i], issued = str(issued), issued + 1
-    return ReplicaRun(steps, R * steps, tokens, verified, batch_tokens, seconds)
+    return ReplicaRun(steps, R * steps, tokens, verified, batch_tokens, seconds, drafted_steps, draft_total)
 
 
 # ------------------------------------------------------------------------------ grid
@@ -298,7 +330,8 @@ class SimResult:
     tau: float  # tokens per request per step
     mean_verify: float  # mean ℓ per request-step
     mean_batch: float  # mean verify-batch tokens B per replica step
-    step_ms: float  # mean simulated step time
+    step_ms: float  # mean simulated step time (draft included)
+    drafted: float = 1.0  # fraction of steps that ran a draft pass
 
     @property
     def per_request(self) -> float:  # tokens/s one request sees
@@ -315,6 +348,7 @@ def simulate(
     steps: int = 200,
     min_request_steps: int = 4000,
     seed: int = 0,
+    policy_params: dict[str, Any] | None = None,
 ) -> SimResult:
     """One (policy, concurrency, replicas) point: every busy replica runs
     max(steps, ⌈min_request_steps / concurrency⌉) steps, so small concurrencies still replay
@@ -329,7 +363,7 @@ def simulate(
         if load == 0:
             continue  # more replicas than requests: this one idles
         rng = np.random.default_rng(np.random.SeedSequence([seed, concurrency, replicas, i]))
-        runs.append(simulate_replica(traj, build_policy(spec, curve), curve, load, steps, rng))
+        runs.append(simulate_replica(traj, build_policy(spec, curve, policy_params), curve, load, steps, rng))
     req_steps = sum(r.request_steps for r in runs)
     return SimResult(
         policy=spec.label, replicas=replicas, concurrency=concurrency, steps=steps,
@@ -338,6 +372,7 @@ def simulate(
         mean_verify=sum(r.verified for r in runs) / req_steps,
         mean_batch=sum(r.batch_tokens for r in runs) / sum(r.steps for r in runs),
         step_ms=1e3 * sum(r.seconds for r in runs) / sum(r.steps for r in runs),
+        drafted=sum(r.drafted_steps for r in runs) / sum(r.steps for r in runs),
     )
 
 
@@ -352,6 +387,7 @@ def run_grid(
     min_request_steps: int = 4000,
     seed: int = 0,
     progress: bool = False,
+    policy_params: dict[str, Any] | None = None,
 ) -> list[SimResult]:
     """Every (replicas, concurrency, policy) point, in that nesting order."""
     points = [(n, c, s) for n in replicas for c in concurrency for s in specs]
@@ -364,7 +400,7 @@ def run_grid(
         if progress:
             points.set_postfix_str(f"{s.label} @ {c} requests, {n} replicas")  # type: ignore[attr-defined]
         out.append(simulate(traj, sps, s, concurrency=c, replicas=n, steps=steps, min_request_steps=min_request_steps,
-                            seed=seed))
+                            seed=seed, policy_params=policy_params))
     return out
 
 
@@ -398,10 +434,11 @@ def render_markdown(results: Sequence[SimResult]) -> str:
     rows = []
     for c in [c for n, c in keys if n == n0]:
         cells = [by.get((n0, c, p)) for p in policies]
-        rows.append([c, *[f"{r.tau:.2f} / {r.mean_verify:.2f} / {r.mean_batch:,.0f}" if r else "—" for r in cells]])
-    detail = markdown_table(["concurrency", *[f"{p}: τ / ℓ̄ / B" for p in policies]], rows)
-    note = (f"Per policy at {n0} replica{'s' if n0 > 1 else ''}: τ (tokens per request-step), mean ℓ and mean batch "
-            f"tokens B per step.")
+        rows.append([c, *[f"{r.tau:.2f} / {r.mean_verify:.2f} / {r.mean_batch:,.0f} / {100 * r.drafted:.0f}%" if r else "—"
+                          for r in cells]])
+    detail = markdown_table(["concurrency", *[f"{p}: τ / ℓ̄ / B / drafted" for p in policies]], rows)
+    note = (f"Per policy at {n0} replica{'s' if n0 > 1 else ''}: τ (tokens per request-step), mean ℓ, mean batch "
+            f"tokens B per step and the share of steps that ran a draft pass.")
     return f"{goodput}\n\n{note}\n\n{detail}"
 
 

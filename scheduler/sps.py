@@ -14,7 +14,16 @@ File format (JSON, one object; ``SPSProfile.save`` / ``SPSProfile.load``)::
     {"format": "dspark.sps/1",
      "target": "demo", "config_hash": "3f2a...", "device": "cuda:0", "dtype": "bfloat16",
      "max_batch": 64, "source": "measured",
-     "points": [[1, 190.2], [8, 189.7], ...]}      # [B, steps/s], B strictly increasing
+     "points": [[1, 190.2], [8, 189.7], ...],      # [B, steps/s], B strictly increasing
+     "draft_points": [[1, 0.0011], [8, 0.0012], ...]}   # optional: [R, seconds per draft pass]
+
+**Draft cost.** A speculative step costs a draft pass over the R drafting requests *plus* the
+verify forward: step time = draft_s(R) + 1 / SPS(B). ``draft_points`` hold draft_s(R) (read the
+same way: linear between points, flat beyond); a profile without them prices drafting at 0, which
+is the paper's Θ = τ·SPS(B). The policies use it twice: before drafting, to decide whether a draft
+pass pays at all (it does not when the target is cheap next to the drafter, or the batch is
+compute-bound), and after drafting, where it is a sunk cost that makes verifying more tokens
+relatively cheaper (see ``dspark.scheduler.prefix``).
 
 The identity fields say which engine the numbers belong to; a profile measured for another
 target, device, dtype or batch limit should be measured again (:meth:`SPSProfile.matches`).
@@ -22,6 +31,7 @@ target, device, dtype or batch limit should be measured again (:meth:`SPSProfile
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -30,7 +40,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["FORMAT", "SPSProfile", "StepCurve", "evaluate_sps", "h100_like"]
+__all__ = ["FORMAT", "SPSProfile", "StepCurve", "evaluate_sps", "draft_seconds", "h100_like"]
 
 FORMAT = "dspark.sps/1"
 
@@ -52,10 +62,18 @@ class SPSProfile:
     dtype: str = ""
     max_batch: int = 0  # the engine's max_batch_size when measured (0 = unknown)
     source: str = ""  # "measured", "synthetic:h100_like", ...
+    # [D] (R drafting requests, seconds per draft pass), R strictly increasing; () = not measured
+    draft_points: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "tokens", tuple(int(b) for b in self.tokens))
         object.__setattr__(self, "steps_per_s", tuple(float(s) for s in self.steps_per_s))
+        object.__setattr__(self, "draft_points", tuple((int(r), float(t)) for r, t in sorted(self.draft_points)))
+        d = self.draft_points
+        if any(r < 1 for r, _ in d) or any(a[0] >= b[0] for a, b in zip(d, d[1:])):
+            raise ValueError("draft points need distinct request counts >= 1")
+        if not all(math.isfinite(t) and t >= 0 for _, t in d):
+            raise ValueError("draft seconds must be finite and >= 0")
         t, s = self.tokens, self.steps_per_s
         if not t or len(t) != len(s):
             raise ValueError(f"need one steps/s value per token count (got {len(t)} and {len(s)})")
@@ -85,8 +103,20 @@ class SPSProfile:
         return float(out) if np.ndim(out) == 0 else out
 
     def step_time_s(self, tokens):
-        """Seconds per step at B (1 / SPS)."""
+        """Seconds per verify forward at B (1 / SPS)."""
         return 1.0 / np.asarray(self(tokens))
+
+    def draft_time_s(self, requests: int) -> float:
+        """Seconds of one draft pass over ``requests`` drafting requests (0 when not measured or
+        nobody drafts); linear between the draft points, flat beyond."""
+        if not self.draft_points or requests <= 0:
+            return 0.0
+        rows, secs = zip(*self.draft_points)
+        return float(np.interp(float(requests), rows, secs))
+
+    def with_draft_points(self, points: Sequence[tuple[int, float]]) -> "SPSProfile":
+        """The same profile with draft cost ``points`` [(R, seconds)]."""
+        return dataclasses.replace(self, draft_points=tuple(points))
 
     def identity(self) -> dict:
         return {k: getattr(self, k) for k in _IDENTITY}
@@ -97,18 +127,22 @@ class SPSProfile:
 
     # -- files ---------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        return {"format": FORMAT, **self.identity(), "source": self.source,
-                "points": [[b, s] for b, s in zip(self.tokens, self.steps_per_s)]}
+        d = {"format": FORMAT, **self.identity(), "source": self.source,
+             "points": [[b, s] for b, s in zip(self.tokens, self.steps_per_s)]}
+        if self.draft_points:
+            d["draft_points"] = [[r, t] for r, t in self.draft_points]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "SPSProfile":
         if d.get("format") != FORMAT:
             raise ValueError(f"not an SPS profile (format {d.get('format')!r}, expected {FORMAT!r})")
-        unknown = set(d) - {"format", "points", "source", *_IDENTITY}
+        unknown = set(d) - {"format", "points", "draft_points", "source", *_IDENTITY}
         if unknown:
             raise ValueError(f"unknown fields in SPS profile: {sorted(unknown)}")
         ident = {k: d[k] for k in (*_IDENTITY, "source") if k in d}
-        return cls.from_points([tuple(p) for p in d["points"]], **ident)
+        draft = tuple(tuple(p) for p in d.get("draft_points", ()))
+        return cls.from_points([tuple(p) for p in d["points"]], draft_points=draft, **ident)
 
     def save(self, path: str | Path) -> Path:
         p = Path(path)
@@ -129,6 +163,12 @@ def evaluate_sps(sps: SPSProfile | Callable, tokens: np.ndarray) -> np.ndarray:
     return np.asarray([float(sps(int(b))) for b in tokens], dtype=np.float64).reshape(tokens.shape)
 
 
+def draft_seconds(sps: SPSProfile | Callable, requests: int) -> float:
+    """Seconds of a draft pass over ``requests`` drafting requests: the profile's draft cost, or 0
+    for a bare function of B (which prices the verify forward only)."""
+    return sps.draft_time_s(requests) if isinstance(sps, SPSProfile) else 0.0
+
+
 def h100_like(
     max_tokens: int = 8192,
     *,
@@ -138,6 +178,9 @@ def h100_like(
     tile_ms: float = 1.1,
     wave: int = 64,
     wave_ms: float = 0.05,
+    draft_ms: float = 0.8,
+    draft_row_ms: float = 0.004,
+    max_requests: int = 1024,
 ) -> SPSProfile:
     """A synthetic step-wise SPS curve with the shape of a dense ~8B target on one H100.
 
@@ -150,6 +193,9 @@ def h100_like(
     steps), with a smaller step at every 64-token wave. The numbers give the shape only, not a
     measurement. The table carries both sides of every wave edge (B = 64k and 64k + 1), so
     every integer B reads its plateau exactly.
+
+    Draft cost: ``draft_ms + draft_row_ms · R`` for R drafting requests (a small parallel drafter
+    is launch- and weight-read-bound: nearly flat), on R = 1..``max_requests``.
     """
     if max_tokens < 1 or tile < 1 or wave < 1:
         raise ValueError("max_tokens, tile and wave must be >= 1")
@@ -161,5 +207,6 @@ def h100_like(
     for k in range(1, max_tokens // wave + 1):
         edges.update(x for x in (k * wave, k * wave + 1) if x <= max_tokens)
     points = [(b, 1e3 / cost_ms(b)) for b in sorted(edges)]
+    draft = [(r, 1e-3 * (draft_ms + draft_row_ms * r)) for r in sorted({1, max(1, max_requests)})]
     return SPSProfile.from_points(points, target="synthetic", device="h100-like", dtype="bfloat16",
-                                  source="synthetic:h100_like")
+                                  source="synthetic:h100_like", draft_points=tuple(draft))

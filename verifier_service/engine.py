@@ -44,7 +44,17 @@ from dspark.platform.sampling import (
     sample_from_probs,
 )
 from dspark.platform.target.loading import FrozenTarget
-from dspark.scheduler.policies import BatchView, FixedPolicy, LegacyPolicy, OffPolicy, VerifyPolicy, clip_lengths, decide_lengths
+from dspark.scheduler.policies import (
+    BatchView,
+    FixedPolicy,
+    LegacyPolicy,
+    OffPolicy,
+    VerifyPolicy,
+    clip_lengths,
+    decide_lengths,
+    should_draft,
+)
+from dspark.verifier_service.draft_context import DraftContext
 from dspark.verifier_service.kv_cache import SlotKVCache
 
 __all__ = ["EngineTimings", "RequestRejected", "StepRecord", "VerifierEngine"]
@@ -137,6 +147,7 @@ class VerifierEngine:
         prefill_chunk: int = 256,
         seed: int = 0,
         observer: Callable[[StepRecord], None] | None = None,
+        max_deferred_context: int = 64,
     ):
         if max_batch_size < 1 or prefill_chunk < 1:
             raise ValueError("max_batch_size and prefill_chunk must be >= 1")
@@ -156,6 +167,8 @@ class VerifierEngine:
         self.cache = SlotKVCache(
             target.num_layers, max_batch_size, self.max_model_len + self.gamma + 1, self.device, target.dtype
         )
+        # the drafter's context; a step that does not draft defers its hand-over (draft_context.py)
+        self.context = DraftContext(drafter, max_deferred_context) if drafter is not None else None
         if drafter is not None:
             drafter.allocate(max_batch_size, self.max_model_len + self.gamma + 1)
         self._float_mask = getattr(target.config, "_attn_implementation", "sdpa") == "eager"
@@ -170,6 +183,7 @@ class VerifierEngine:
         self.waiting: collections.deque[_Running] = collections.deque()
         self.running: list[_Running] = []  # index in this list == slot
         self.total_fallback_steps = 0
+        self.skipped_draft_steps = 0  # steps the policy decided not to draft (the pass would not pay)
         self.context_failures = 0  # append_context failures (those requests stopped drafting)
         self.timings = EngineTimings()
         # step observers (evaluation, traces, the scheduler client); one failing never fails a step
@@ -284,8 +298,8 @@ class VerifierEngine:
         with_features = self.drafter is not None
         for i in range(len(rs)):
             self.cache.set_length(start + i, 0)
-            if self.drafter is not None:
-                self.drafter.reset_slot(start + i)
+            if self.context is not None:
+                self.context.reset(start + i)
         last_hidden: list[torch.Tensor | None] = [None] * len(rs)
         for c0 in range(0, lens[0], self.prefill_chunk):
             rows = sum(n > c0 for n in lens)  # a prefix of rs, as lens is descending
@@ -309,22 +323,24 @@ class VerifierEngine:
             r.position, r.anchor = n, int(t)
         return [int(t) for t in tokens]
 
-    def _append_context(self, slots: list[int], tokens: torch.Tensor, out, lengths: torch.Tensor) -> None:
-        """Give the drafter the committed ``tokens`` [n, k] of ``slots`` with their target features.
-        If it fails, those requests stop drafting (their context would be out of step) and decode
-        plainly from here on; output is unaffected."""
-        k = tokens.shape[1]
-        try:
-            self.drafter.append_context(torch.tensor(slots), tokens, out.features[:, :k], out.last_hidden[:, :k], lengths)
-        except Exception:
-            log.exception("drafter.append_context failed; %d request(s) continue without drafts", len(slots))
-            self.context_failures += 1
-            for slot in slots:
-                self.running[slot].drafting = False
-                try:
-                    self.drafter.reset_slot(slot)
-                except Exception:
-                    log.exception("drafter.reset_slot failed")
+    def _append_context(self, slots: list[int], tokens: torch.Tensor, out, lengths: torch.Tensor, *,
+                        defer: bool = False) -> None:
+        """Give the drafter the committed ``tokens`` [n, k] of ``slots`` with their target features
+        (``defer``: later, batched; see ``DraftContext``)."""
+        self._context_failed(self.context.append(slots, tokens, out.features, out.last_hidden, lengths, defer=defer))
+
+    def _context_failed(self, slots: list[int]) -> None:
+        """Requests whose drafter context could not be updated stop drafting (it would be out of
+        step) and decode plainly from here on; output is unaffected."""
+        if not slots:
+            return
+        self.context_failures += 1
+        for slot in slots:
+            self.running[slot].drafting = False
+            try:
+                self.context.reset(slot)
+            except Exception:
+                log.exception("drafter.reset_slot failed")
 
     def _sampling_batch(self) -> SamplingBatch:
         return SamplingBatch.from_params(
@@ -339,16 +355,26 @@ class VerifierEngine:
         block, lengths, fallback, conf = None, [0] * R, False, None
         t0 = self._now()
         rows = [i for i, r in enumerate(self.running) if r.drafting]  # requests whose drafter context is intact
+        drafted = False
         if self.drafter is not None and not isinstance(self.policy, OffPolicy) and rows and self.verify_budget != 0:
             try:
-                block = self.drafter.propose(torch.tensor(rows), anchors[rows], positions[rows], sampling.select(rows))
-                if len(rows) < R:  # scatter to all R rows; the others verify nothing
-                    block = _scatter_block(block, rows, R)
-                conf = block.confidences.float().cpu().numpy() if block.confidences is not None else None
                 # per-request caps known before drafting: max_tokens left, and 0 for rows not drafting
                 limits = tuple(r.params.max_tokens - len(r.generated) - 1 if r.drafting else 0 for r in self.running)
-                view = BatchView(conf, self.gamma, tuple(r.request.request_id for r in self.running), self.verify_budget, limits)
-                lengths = decide_lengths(self.policy, view)  # limits and budget enforced there too
+                req_ids = tuple(r.request.request_id for r in self.running)
+                if not should_draft(self.policy, BatchView(None, self.gamma, req_ids, self.verify_budget, limits)):
+                    self.skipped_draft_steps += 1
+                else:
+                    self._context_failed(self.context.flush(rows))  # deferred context first
+                    rows = [i for i in rows if self.running[i].drafting]
+                    drafted = bool(rows)
+                if drafted:
+                    block = self.drafter.propose(torch.tensor(rows), anchors[rows], positions[rows], sampling.select(rows))
+                    if len(rows) < R:  # scatter to all R rows; the others verify nothing
+                        block = _scatter_block(block, rows, R)
+                    conf = block.confidences.float().cpu().numpy() if block.confidences is not None else None
+                    limits = tuple(m if self.running[i].drafting else 0 for i, m in enumerate(limits))
+                    view = BatchView(conf, self.gamma, req_ids, self.verify_budget, limits)
+                    lengths = decide_lengths(self.policy, view)  # limits and budget enforced there too
             except Exception:
                 log.exception("drafter failed; this step decodes without drafts")
                 block, lengths, fallback, conf = None, [0] * R, True, None
@@ -368,10 +394,12 @@ class VerifierEngine:
         # commit: KV keeps [anchor, d_1..d_a]; the drafter gets their features
         for i, r in enumerate(self.running):
             self.cache.set_length(i, r.position + int(num_acc[i]) + 1)
+        rows = [i for i in rows if self.running[i].drafting]
         if self.drafter is not None and rows:
             k = int(num_acc[rows].max()) + 1
             feats = out if len(rows) == R else type(out)(out.features[rows], out.last_hidden[rows], None, None)
-            self._append_context(rows, ids[rows, :k], feats, num_acc[rows] + 1)
+            # a step that did not draft defers the hand-over: the next one likely will not either
+            self._append_context(rows, ids[rows, :k], feats, num_acc[rows] + 1, defer=not drafted)
         t2 = self._now()
         self.timings.draft_s += t1 - t0
         self.timings.verify_s += t2 - t1
@@ -464,10 +492,10 @@ class VerifierEngine:
             last = len(self.running) - 1
             if slot != last:
                 self.cache.move_slot(last, slot)
-                if self.drafter is not None:
-                    self.drafter.move_slot(last, slot)
+                if self.context is not None:
+                    self.context.move(last, slot)
                 self.running[slot] = self.running[last]
             self.running.pop()
             self.cache.set_length(last, 0)
-            if self.drafter is not None:
-                self.drafter.reset_slot(last)
+            if self.context is not None:
+                self.context.reset(last)

@@ -7,6 +7,11 @@ every position, target features when the engine has a drafter. The device is syn
 around every timed forward. Acceptance and bookkeeping are not included (small next to the
 forward on a real target).
 
+With a drafter, the profile also carries the draft cost: the median wall time of
+``drafter.propose`` for R = 1..max_batch requests (an evenly spread subset when there are many),
+each with a committed context of ``context`` positions (greedy sampling, the Markov loop and the
+confidence head included). The policies weigh it against the verify forward it saves.
+
 Run it on an idle engine, at replica start-up or on demand; :func:`profile_for_engine` reuses a
 saved profile when its identity (target config hash, device, dtype, max batch) matches.
 """
@@ -27,7 +32,8 @@ from dspark.platform.target.loading import FrozenTarget
 from dspark.scheduler.sps import SPSProfile
 from dspark.verifier_service.engine import VerifierEngine
 
-__all__ = ["engine_identity", "default_token_counts", "measure_sps", "profile_for_engine"]
+__all__ = ["engine_identity", "default_token_counts", "default_draft_rows", "measure_draft", "measure_sps",
+           "profile_for_engine"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +62,65 @@ def default_token_counts(width: int, max_batch: int, max_points: int = 128) -> l
     return [r * width for r in rows]
 
 
+def default_draft_rows(max_batch: int, max_points: int = 16) -> list[int]:
+    """R = 1..max_batch for the draft-cost points (an even spread of at most ``max_points``)."""
+    if max_batch <= max_points:
+        return list(range(1, max_batch + 1))
+    return sorted({round(1 + i * (max_batch - 1) / (max_points - 1)) for i in range(max_points)})
+
+
+@torch.no_grad()
+def measure_draft(
+    engine: VerifierEngine,
+    rows: Sequence[int] | None = None,
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    context: int = 64,
+    seed: int = 0,
+) -> list[tuple[int, float]]:
+    """Median seconds of one draft pass (``drafter.propose``) for each request count R ->
+    [(R, seconds)]. The drafter's context of slots 0..R_max−1 is filled from one real target
+    forward over random tokens, and every slot is reset afterwards. Needs an idle engine."""
+    from dspark.platform.sampling import SamplingBatch
+
+    if engine.drafter is None:
+        raise ValueError("the engine has no drafter")
+    if engine.running or engine.waiting:
+        raise RuntimeError("measure_draft needs an idle engine (its slots are used for the timing)")
+    rows = sorted(set(int(r) for r in (rows or default_draft_rows(engine.max_batch_size))))
+    if not rows or rows[0] < 1 or rows[-1] > engine.max_batch_size:
+        raise ValueError(f"draft rows must be in 1..{engine.max_batch_size}")
+    context = max(1, min(context, engine.cache.capacity - engine.gamma - 1))
+    n = rows[-1]
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, engine.vocab_size, (n, context), generator=gen)  # [n, context]
+    slots = torch.arange(n)
+    out: list[tuple[int, float]] = []
+    try:
+        for s in range(n):
+            engine.cache.set_length(s, 0)
+            engine.drafter.reset_slot(s)
+        feats = engine._forward(0, ids, logits_positions=None, with_features=True)
+        engine.drafter.append_context(slots, ids, feats.features, feats.last_hidden, torch.full((n,), context))
+        anchors = torch.randint(0, engine.vocab_size, (n,), generator=gen)
+        positions = torch.full((n,), context, dtype=torch.long)
+        for r in rows:
+            batch = SamplingBatch.from_params([(0.0, 0, 1.0)] * r, [None] * r)
+            times = []
+            for i in range(warmup + repeats):
+                t0 = engine._now()
+                engine.drafter.propose(slots[:r], anchors[:r], positions[:r], batch)
+                if i >= warmup:
+                    times.append(engine._now() - t0)
+            out.append((r, statistics.median(times)))
+    finally:
+        for s in range(engine.max_batch_size):
+            engine.cache.set_length(s, 0)
+            engine.drafter.reset_slot(s)
+    return out
+
+
 def _shape(tokens: int, width: int, max_rows: int) -> tuple[int, int]:
     """(rows, q) with rows·q >= tokens, q <= width unless the rows would exceed ``max_rows``."""
     q = min(width, tokens)
@@ -75,6 +140,7 @@ def measure_sps(
     context: int = 64,
     max_batch: int = 16,
     seed: int = 0,
+    draft_rows: Sequence[int] | None = None,
 ) -> SPSProfile:
     """Time verify forwards of each total token count B -> an ``SPSProfile`` (steps/s = 1 / median).
 
@@ -82,7 +148,8 @@ def measure_sps(
     of the engine's drafter, 8 without one); when R would pass the engine's ``max_batch_size``,
     q grows instead. The point is recorded at the size actually run, R·q (equal to B when B is
     a multiple of q, as the default counts are). A bare ``FrozenTarget`` gets a temporary engine
-    with ``max_batch`` slots.
+    with ``max_batch`` slots. An engine with a drafter also gets its draft cost measured
+    (:func:`measure_draft` at ``draft_rows``, default :func:`default_draft_rows`).
     """
     if repeats < 1 or warmup < 0 or context < 0:
         raise ValueError("repeats must be >= 1, warmup and context >= 0")
@@ -117,8 +184,12 @@ def measure_sps(
     finally:
         for slot in range(engine.max_batch_size):
             engine.cache.set_length(slot, 0)
+    draft = ()
+    if engine.drafter is not None:
+        draft = tuple(measure_draft(engine, draft_rows, repeats=repeats, warmup=warmup, context=context, seed=seed))
     return SPSProfile.from_step_times(
-        list(times), [statistics.median(v) for v in times.values()], source="measured", **engine_identity(engine)
+        list(times), [statistics.median(v) for v in times.values()], source="measured", draft_points=draft,
+        **engine_identity(engine)
     )
 
 

@@ -109,7 +109,7 @@ def replica_info(replica_id: str, profile: SPSProfile, *, max_batch_size: int, g
     table, and its identity (target, device, dtype, config hash) plus a hash of the numbers as
     ``sps_id``, so a re-measured profile registers as a new one."""
     base = ReplicaInfo(replica_id, node or socket.gethostname(), max_batch_size, gamma,
-                       tuple(zip(profile.tokens, profile.steps_per_s)))
+                       tuple(zip(profile.tokens, profile.steps_per_s)), draft_table=profile.draft_points)
     ident = "/".join(str(v) for v in (profile.target, profile.device, profile.dtype, profile.config_hash) if v)
     return dataclasses.replace(base, sps_id=f"{ident}:{base.sps_id}") if ident else base
 

@@ -10,7 +10,8 @@ For each concurrency C, C prompts cut from the demo corpus's *test* split run to
 * ``async``: capacity from confidences two steps old, filled by current survival.
 
 ``prefix`` and ``async`` plan with an SPS profile measured on this engine at start-up
-(:func:`measure_profile`: real verify forwards of every batch token count up to C_max·(γ + 1)).
+(:func:`measure_profile`: real verify forwards of every batch token count up to C_max·(γ + 1), and
+the draft pass for 1..C_max requests); they skip the draft pass on steps where it would not pay.
 Each configuration gets a warm-up run; the timed runs go round-robin over the policies of one C
 (so slow drift of the machine hits every policy alike) and each figure is the median of
 ``repeats``. Every speculative run's output is checked identical to plain decoding.
@@ -56,6 +57,7 @@ class PolicyBenchRow:
     step_ms: float  # one batch verify step: draft + verify (target forward + acceptance + commit)
     draft_ms: float  # the drafting part of step_ms
     fallback_steps: int  # steps the drafter failed and the engine decoded plainly (should be 0)
+    drafted: float = 1.0  # share of verify steps that ran a draft pass (the rest: the policy skipped it)
 
     @property
     def tokens_per_s(self) -> float:
@@ -175,6 +177,7 @@ def _run_once(target, drafter, label: str, sps, prompts: list[list[int]], max_to
         tau=sum(s.accepted + s.steps for s in stats) / steps if steps else 1.0,
         mean_length=sum(s.drafted for s in stats) / steps if steps else 0.0,
         step_ms=draft_ms + verify_ms, draft_ms=draft_ms, fallback_steps=eng.total_fallback_steps,
+        drafted=0.0 if eng.drafter is None else 1.0 - eng.skipped_draft_steps / max(1, eng.timings.steps),
     )
     return _Run(seconds, row, outs)
 
@@ -255,8 +258,9 @@ def render_markdown(rows: Sequence[PolicyBenchRow]) -> str:
             f"{r.tokens_per_s / base.tokens_per_s:.2f}×" if base else "—",
             f"{r.tau:.2f}", f"{r.mean_length:.2f}", f"{r.step_ms:.2f}",
             f"{r.draft_ms:.2f}" if r.policy != "off" else "—",
+            f"{100 * r.drafted:.0f}%",
         ])
-    out = markdown_table(["C", "policy", "tokens/s", "vs off", "τ", "mean ℓ", "step ms", "of which draft ms"], table)
+    out = markdown_table(["C", "policy", "tokens/s", "vs off", "τ", "mean ℓ", "step ms", "of which draft ms", "drafted"], table)
     checks = goal_checks(rows)
     if checks:
         lines = [

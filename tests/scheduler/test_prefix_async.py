@@ -107,15 +107,15 @@ def test_async_handles_requests_coming_and_going():
     stale = stale_survival(("a", "c", "d"), {"a": 0, "b": 1}, np.array([[0.9, 0.81], [0.2, 0.04]]))
     assert np.allclose(stale, [[0.9, 0.81], [0.55, 0.425], [0.55, 0.425]])
     assert sum(ell) == global_capacity(stale, np.full(3, 2), linear_cost(8))
-    assert len(pol._history) <= 2  # only the last `lag` steps are kept
+    assert len(pol.history) <= 2  # only the last `lag` steps are kept
     assert stale_survival(("a",), {}, np.zeros((0, 2))) is None
 
 
 def test_async_rows_without_drafts_are_not_recorded():
     pol = AsyncPrefixPolicy(linear_cost(8), lag=1)
     pol.choose(view([[0.9, 0.9], [0.0, 0.0]], max_lengths=(2, 0)))
-    index, rows = pol._history[0]
-    assert index == {"r0": 0} and rows.shape == (1, 2)
+    assert pol.history.lookup(("r0",), 1, 2).tolist() == [[0.9, 0.81]]
+    assert pol.history.lookup(("r1",), 1, 2).tolist() == [[0.9, 0.81]]  # unknown: the mean of the one recorded row
 
 
 @pytest.mark.parametrize("make", [lambda s: PrefixPolicy(s), lambda s: AsyncPrefixPolicy(s, lag=1),

@@ -129,7 +129,32 @@ def test_prefix_and_async_follow_the_curve():
     none = simulate(traj, steep, PolicySpec("off"), concurrency=8, steps=40, min_request_steps=0)
     for name in ("prefix", "async"):
         assert simulate(traj, flat, PolicySpec(name), concurrency=8, steps=40, min_request_steps=0) == replace(every, policy=name)
-        assert simulate(traj, steep, PolicySpec(name), concurrency=8, steps=40, min_request_steps=0) == replace(none, policy=name)
+        # only the first step drafts (nothing recorded yet); the gate skips every later draft pass
+        assert simulate(traj, steep, PolicySpec(name), concurrency=8, steps=40, min_request_steps=0) == replace(
+            none, policy=name, drafted=1 / 40)
+
+
+def test_draft_cost_is_charged_and_weighed():
+    """A drafting step costs d + 1/SPS(B). Fixed γ pays d on every step; off never does; the
+    scheduled policies stop drafting when d is large enough that drafting cannot pay."""
+    from dspark.scheduler.simulator import without_draft_cost
+    from dspark.scheduler.sps import SPSProfile
+
+    traj = random_trace(gamma=5)
+    prof = SPSProfile.from_points([(1, 100.0), (4096, 100.0)], draft_points=((1, 0.002), (64, 0.002)))
+    free = without_draft_cost(prof)
+    fixed, fixed_free = (simulate(traj, p, PolicySpec("fixed"), concurrency=8, steps=40, min_request_steps=0) for p in (prof, free))
+    assert fixed.tau == fixed_free.tau and fixed.step_ms == pytest.approx(fixed_free.step_ms + 2.0)
+    assert fixed.goodput == pytest.approx(fixed_free.goodput * 10 / 12)
+    off = simulate(traj, prof, PolicySpec("off"), concurrency=8, steps=40, min_request_steps=0)
+    assert off.drafted == 0 and off.step_ms == pytest.approx(10.0)
+    costly = SPSProfile.from_points([(1, 100.0), (4096, 100.0)], draft_points=((1, 0.05),))  # 50 ms per draft pass
+    for name in ("prefix", "async"):
+        r = simulate(traj, costly, PolicySpec(name), concurrency=8, steps=200, min_request_steps=0, policy_params={"refresh": 0})
+        assert r.drafted == 1 / 200 and r.goodput > 0.97 * off.goodput  # one exploratory pass, then plain decoding
+        assert simulate(traj, prof, PolicySpec(name), concurrency=8, steps=40, min_request_steps=0).drafted == 1.0
+    with pytest.raises(SimulationError, match="unknown policy parameters"):
+        simulate(traj, prof, PolicySpec("async"), concurrency=2, policy_params={"gamma": 3})
 
 
 def test_h100_curve_and_measured_profiles(tmp_path):

@@ -82,3 +82,22 @@ def test_profile_for_engine_reuses_a_matching_file(target, tmp_path, monkeypatch
     SPSProfile.from_points([(1, 1.0)], **{**engine_identity(eng), "config_hash": "other"}).save(path)
     with pytest.raises(AssertionError, match="measured again"):
         profile_for_engine(eng, path)
+
+
+def test_draft_cost_is_measured_with_a_real_drafter(target):
+    import torch
+
+    from _helpers import MASK_ID, drafter_config
+    from dspark.drafter_service.registry import build_drafter
+
+    torch.manual_seed(0)
+    drafter = build_drafter(drafter_config("dspark-gated"), target, mask_token_id=MASK_ID)
+    eng = VerifierEngine(target, drafter, max_batch_size=6)
+    prof = measure_sps(eng, [4, 8], repeats=2, context=12, draft_rows=[1, 3, 6])
+    assert [r for r, _ in prof.draft_points] == [1, 3, 6] and all(t > 0 for _, t in prof.draft_points)
+    assert prof.draft_time_s(2) > 0 and SPSProfile.from_dict(prof.to_dict()).draft_points == prof.draft_points
+    assert all(drafter.context_length(s) == 0 for s in range(6))  # every slot reset
+    with pytest.raises(ValueError, match="draft rows"):
+        profiling.measure_draft(eng, [7])
+    plain = measure_sps(VerifierEngine(target, None, max_batch_size=2), [2], repeats=1, context=4)
+    assert plain.draft_points == ()  # no drafter: no draft cost

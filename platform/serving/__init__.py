@@ -1,0 +1,1 @@
+"""Serving: the Ray Serve app (ingress, verifier replicas, draft workers) and its config."""
