@@ -262,6 +262,14 @@ def greedy_verify(
     cu_draft: torch.Tensor,  # [R+1] int64 cumulative draft lengths
 ) -> tuple[torch.Tensor, torch.Tensor]:  # num_accepted [R] int64, output_tokens [R, max ℓ+1] int64 (-1 pad)
     """Accept the longest prefix equal to the target's argmax, then emit the target's token."""
+    # Fast path: dspark.kernels.rejection (one Triton launch, identical outputs) when the kernel
+    # dispatcher picks Triton for these tensors (CUDA by default); CPU runs take the code below.
+    from dspark.kernels.dispatch import use_triton
+
+    if use_triton(draft_tokens):
+        from dspark.kernels.rejection import greedy_verify_triton
+
+        return greedy_verify_triton(draft_tokens, target_argmax, cu_draft)
     _check(draft_tokens.ndim == 1, f"draft_tokens must be [D], got {_shape(draft_tokens)}")
     d = draft_tokens.shape[0]
     cu, r, max_len, req, pos = _layout(cu_draft, d, draft_tokens.device)
@@ -288,6 +296,15 @@ def rejection_sample(
     ``max(0, p_t − p_d)`` (from p_t when that mass is < RESIDUAL_EPS); after ℓ_r acceptances the
     bonus token is drawn from p_t at the request's last row. Both use ``exp_noise[r]``.
     """
+    # Fast path: dspark.kernels.rejection (one Triton launch, identical outputs given the same
+    # uniforms and noise) when the kernel dispatcher picks Triton for these tensors (CUDA by
+    # default); CPU runs take the reference code below, unchanged.
+    from dspark.kernels.dispatch import use_triton
+
+    if use_triton(target_probs):
+        from dspark.kernels.rejection import rejection_sample_triton
+
+        return rejection_sample_triton(draft_tokens, draft_probs, target_probs, cu_draft, uniforms, exp_noise)
     _check(draft_tokens.ndim == 1, f"draft_tokens must be [D], got {_shape(draft_tokens)}")
     d = draft_tokens.shape[0]
     _check(target_probs.ndim == 2, f"target_probs must be [D+R, V], got {_shape(target_probs)}")

@@ -135,6 +135,21 @@ class DSparkDrafter(TargetBoundDrafter):
         sampling: "SamplingBatch",
     ) -> DraftBlock:
         """The left-to-right Markov loop of paper §3.1 (stage 2) plus the confidence head."""
+        # Fast path: dspark.kernels.markov runs the whole loop (bias, sampling) in one Triton launch
+        # when the kernel dispatcher picks Triton (CUDA by default) and the head / sampling params
+        # are ones it covers; the confidences, which need no sampling, are then computed for all
+        # slots at once. Otherwise (every CPU call by default) the reference loop below runs.
+        from dspark.kernels.markov import sample_block_fast
+
+        fast = sample_block_fast(base_logits, anchors, self.markov, sampling)
+        if fast is not None:
+            tokens, logits = fast
+            conf = None
+            if self.confidence is not None:
+                prev = torch.cat([anchors[:, None].to(tokens), tokens[:, :-1]], dim=1)  # [R, γ] x_{k−1}
+                emb = self.markov.prev_embedding(prev) if self.markov is not None else None
+                conf = torch.sigmoid(self.confidence(h, emb) / self.confidence_temperature)  # σ(z_k / T_k)
+            return DraftBlock(tokens, logits, conf)
         prev = anchors.to(torch.int64)
         state = self.markov.init_state(h.shape[0], h) if self.markov is not None else None
         tokens, logits, conf = [], [], []

@@ -52,6 +52,7 @@ __all__ = [
     "teacher_probs",
     "position_weights",
     "expected_acceptance",
+    "loss_terms",
     "loss_parts",
     "metric_parts",
     "all_reduce_parts",
@@ -293,6 +294,30 @@ def all_reduce_parts(parts: Parts, group=None) -> Parts:
 # ---------------------------------------------------------------------------------------------
 
 
+def loss_terms(
+    logits: torch.Tensor,  # [..., V] float32 drafter logits z_k
+    target_probs: torch.Tensor,  # [..., V] float32 p_t
+    labels: torch.Tensor,  # [...] int64 ground-truth x_{p+k}
+    eval_mask: torch.Tensor,  # [...] bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # ce, l1, soft: [N] over evaluated slots, row-major
+    """Per evaluated slot: L_ce = −log p_d(x), ‖p_d − p_t‖₁ and −Σ p_t·log p_d (see the module docstring)."""
+    # Fast path: dspark.kernels.loss computes the same three terms (and their gradient) in vocabulary
+    # tiles without materialising any [N, V] softmax, when the kernel dispatcher picks Triton for
+    # these tensors (CUDA by default). Every CPU call runs the reference lines below, unchanged.
+    from dspark.kernels.dispatch import use_triton
+
+    if use_triton(logits) and not target_probs.requires_grad:
+        from dspark.kernels.loss import loss_terms_triton
+
+        return loss_terms_triton(logits, target_probs, labels, eval_mask)
+    logp = logits[eval_mask].float().log_softmax(-1)  # [N, V]
+    p_t = target_probs[eval_mask].float()  # [N, V]
+    ce = -logp.gather(-1, labels[eval_mask][:, None]).squeeze(-1)  # [N]
+    l1 = (logp.exp() - p_t).abs().sum(-1)  # [N]
+    soft = -(p_t * logp).sum(-1)  # [N]
+    return ce, l1, soft
+
+
 def loss_parts(
     logits: torch.Tensor,  # [B, A, γ, V] float32 drafter logits z_k
     target_probs: torch.Tensor,  # [B, A, γ, V] float32 p_t (teacher_probs)
@@ -306,11 +331,7 @@ def loss_parts(
     assert logits.ndim == 4 and target_probs.shape == logits.shape, (logits.shape, target_probs.shape)
     assert labels.shape == eval_mask.shape == logits.shape[:3], (labels.shape, eval_mask.shape, logits.shape)
     w = position_weights(logits.shape[2], decay, logits.device).expand(eval_mask.shape)[eval_mask]  # [N]
-    logp = logits[eval_mask].float().log_softmax(-1)  # [N, V]
-    p_t = target_probs[eval_mask].float()  # [N, V]
-    ce = -logp.gather(-1, labels[eval_mask][:, None]).squeeze(-1)  # [N]
-    l1 = (logp.exp() - p_t).abs().sum(-1)  # [N]
-    soft = -(p_t * logp).sum(-1)  # [N]
+    ce, l1, soft = loss_terms(logits, target_probs, labels, eval_mask)  # [N] each
     den = w.sum()
     nums = [(w * ce).sum(), (w * l1).sum(), (w * soft).sum()]
     if confidence_logits is not None:
