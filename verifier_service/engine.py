@@ -57,7 +57,7 @@ from dspark.scheduler.policies import (
 from dspark.verifier_service.draft_context import DraftContext
 from dspark.verifier_service.kv_cache import SlotKVCache
 
-__all__ = ["EngineTimings", "RequestRejected", "StepRecord", "VerifierEngine"]
+__all__ = ["EngineTimings", "RequestRejected", "StepRecord", "VerifierEngine", "run_to_completion"]
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,19 @@ def _scatter_block(block, rows: list[int], R: int):
         return full
 
     return type(block)(scatter(block.tokens), scatter(block.logits), scatter(block.confidences))
+
+
+def run_to_completion(engine: Any, requests: Iterable[GenerationRequest]) -> dict[str, RequestOutput]:
+    """Add ``requests`` to anything with the engine's add_request/step/has_unfinished (an engine,
+    a tensor-parallel group) and step until all finish; the final output of each."""
+    for req in requests:
+        engine.add_request(req)
+    final: dict[str, RequestOutput] = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+    return final
 
 
 class VerifierEngine:
@@ -264,14 +277,7 @@ class VerifierEngine:
 
     def generate(self, requests: Iterable[GenerationRequest]) -> dict[str, RequestOutput]:
         """Run requests to completion; returns the final output of each."""
-        for req in requests:
-            self.add_request(req)
-        final: dict[str, RequestOutput] = {}
-        while self.has_unfinished():
-            for out in self.step():
-                if out.finished:
-                    final[out.request_id] = out
-        return final
+        return run_to_completion(self, requests)
 
     # ------------------------------------------------------------------ internals
     def _forward(self, start: int, ids: torch.Tensor, *, logits_positions, with_features: bool):

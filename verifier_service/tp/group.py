@@ -286,14 +286,9 @@ class TPGroup:
 
     def generate(self, requests: Iterable[GenerationRequest]) -> dict[str, RequestOutput]:
         """Run requests to completion; returns the final output of each (as the engine's)."""
-        for req in requests:
-            self.add_request(req)
-        final: dict[str, RequestOutput] = {}
-        while self.has_unfinished():
-            for out in self.step():
-                if out.finished:
-                    final[out.request_id] = out
-        return final
+        from dspark.verifier_service.engine import run_to_completion
+
+        return run_to_completion(self, requests)
 
     def shutdown(self) -> None:
         """Kill the rank actors and remove the placement group (idempotent)."""
