@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml $(TORCH_CONSTRAINTS)
 
 setup: $(STAMP)
 
-# Builds (or reuses) the demo target and generates a completion from it.
+# The platform on one machine: builds (or reuses) the demo target and its DSpark drafter, serves
+# them with Ray Serve beside plain decoding, sweeps concurrency with the openai client, prints a summary.
 demo: setup
 	$(VENV)/bin/dspark demo
 

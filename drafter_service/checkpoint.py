@@ -10,7 +10,10 @@
   loads with ones; any other missing or unexpected entry is refused.
 
 Only safetensors is ever read. Loading against a target that differs in vocabulary size, width,
-depth or feature layers raises :class:`DrafterLoadError` naming both values.
+depth or feature layers raises :class:`DrafterLoadError` naming both values. So does every other
+way a checkpoint can be broken: an unreadable or malformed ``drafter_config.json``, a truncated
+or garbled ``model.safetensors``, tensors of the wrong shape or dtype, non-finite weights (the
+drafter's proposals enter rejection sampling, which needs finite probabilities).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from dspark.drafter_service.base import Drafter
 from dspark.drafter_service.layers import FROZEN_MODULES, target_identity
 from dspark.drafter_service.providers import DrafterBuildError
 from dspark.drafter_service.registry import build_drafter
-from dspark.platform.config import DrafterConfig
+from dspark.platform.config import ConfigError, DrafterConfig, validate_config
 
 __all__ = [
     "CONFIG_NAME",
@@ -74,21 +77,52 @@ def save_drafter(drafter: Drafter, path: str | Path) -> Path:
     return out
 
 
+def _short(x: Any) -> str:
+    r = repr(x)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+#: the target identity a checkpoint must record: field -> (check, what it must be)
+_IDENTITY_FIELDS = {
+    "vocab_size": (lambda x: _is_int(x) and x > 0, "a positive integer"),
+    "hidden_size": (lambda x: _is_int(x) and x > 0, "a positive integer"),
+    "num_hidden_layers": (lambda x: _is_int(x) and x > 0, "a positive integer"),
+    "layer_ids": (lambda x: isinstance(x, list) and bool(x) and all(_is_int(i) for i in x), "a list of layer ids"),
+    "mask_token_id": (lambda x: x is None or (_is_int(x) and x >= 0), "null or a token id"),
+}
+
+
 def _read_meta(path: Path) -> dict:
+    """``drafter_config.json`` of the checkpoint at ``path``, checked for shape (types of every
+    field used to rebuild the drafter), or :class:`DrafterLoadError` naming the file and field."""
     cfg_file, weights = path / CONFIG_NAME, path / WEIGHTS_NAME
     if not cfg_file.is_file() or not weights.is_file():
         pickled = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         hint = f" (found {', '.join(pickled)}: pickle weights are never loaded)" if pickled else ""
         raise DrafterLoadError(f"{path} is not a drafter checkpoint: it needs {CONFIG_NAME} and {WEIGHTS_NAME}{hint}")
     try:
-        meta = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DrafterLoadError(f"cannot read {cfg_file}: {exc}") from None
+        meta = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or bad UTF-8
+        raise DrafterLoadError(f"cannot read {cfg_file} (not valid JSON; the checkpoint is damaged): {exc}") from None
+    if not isinstance(meta, dict):
+        raise DrafterLoadError(f"{cfg_file}: expected a JSON object, got {type(meta).__name__} (the checkpoint is damaged)")
     if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
         raise DrafterLoadError(
             f"{cfg_file}: unsupported format {meta.get('format')!r} version {meta.get('version')!r} "
             f"(expected {_FORMAT!r} version {_VERSION})"
         )
+    for key in ("drafter", "target", "dims"):
+        if not isinstance(meta.get(key), dict):
+            raise DrafterLoadError(f"{cfg_file}: {key!r} must be a JSON object (got {_short(meta.get(key))}); "
+                                   "the checkpoint is damaged, save it again with save_drafter")
+    for key, (ok, what) in _IDENTITY_FIELDS.items():
+        if not ok(meta["target"].get(key)):
+            raise DrafterLoadError(f"{cfg_file}: target.{key} must be {what} (got {_short(meta['target'].get(key))}); "
+                                   "the checkpoint is damaged, save it again with save_drafter")
     return meta
 
 
@@ -107,9 +141,9 @@ def load_drafter(path: str | Path, target: Any, mask_token_id: int | None = None
                 f"but this target ({have['model_type']}) has {key}={have[key]}"
             )
     try:
-        cfg = DrafterConfig.model_validate(meta["drafter"])
-    except ValueError as exc:
-        raise DrafterLoadError(f"{ckpt / CONFIG_NAME}: invalid drafter config: {exc}") from None
+        cfg = validate_config(DrafterConfig, meta["drafter"], f"{ckpt / CONFIG_NAME} (drafter)")
+    except ConfigError as exc:
+        raise DrafterLoadError(str(exc)) from None
     stored_mask = saved.get("mask_token_id")
     try:
         drafter = build_drafter(cfg, target, mask_token_id if mask_token_id is not None else stored_mask)
@@ -121,14 +155,27 @@ def load_drafter(path: str | Path, target: Any, mask_token_id: int | None = None
         )
     if drafter.spec.to_dict() != meta["dims"]:
         raise DrafterLoadError(f"drafter checkpoint {ckpt} has layer dims {meta['dims']}, this target gives {drafter.spec.to_dict()}")
+    weights = ckpt / WEIGHTS_NAME
     try:
-        state = load_file(str(ckpt / WEIGHTS_NAME), device=str(drafter.device))
+        state = load_file(str(weights), device=str(drafter.device))
+    except (SafetensorError, RuntimeError, OSError) as exc:  # truncated, garbled header, unreadable
+        raise DrafterLoadError(f"cannot load the weights in {weights} (a damaged or incomplete safetensors "
+                               f"file; copy or save the checkpoint again): {exc}") from None
+    expected = drafter.state_dict()
+    for k, t in state.items():  # before load_state_dict, which would cast ints into float weights
+        want = expected.get(k)
+        if want is not None and want.is_floating_point() and not t.is_floating_point():
+            raise DrafterLoadError(f"{weights}: tensor {k!r} is {t.dtype}, the drafter needs floating point")
+        if k != TEMPERATURE_KEY and t.is_floating_point() and not bool(torch.isfinite(t).all()):  # temps: below
+            raise DrafterLoadError(f"{weights}: tensor {k!r} holds NaN or infinite values (a diverged or damaged checkpoint)")
+    try:
         missing, unexpected = drafter.load_state_dict(state, strict=False)
-    except (SafetensorError, RuntimeError, OSError) as exc:
-        raise DrafterLoadError(f"cannot load the weights in {ckpt / WEIGHTS_NAME}: {exc}") from None
+    except RuntimeError as exc:  # shape mismatches
+        raise DrafterLoadError(f"cannot load the weights in {weights}: they do not fit the drafter of "
+                               f"{CONFIG_NAME}: {exc}") from None
     missing = [k for k in missing if k.split(".", 1)[0] not in FROZEN_MODULES and k != TEMPERATURE_KEY]
     if missing or unexpected:
-        raise DrafterLoadError(f"{ckpt / WEIGHTS_NAME} does not match the drafter: missing {missing}, unexpected {unexpected}")
+        raise DrafterLoadError(f"{weights} does not match the drafter: missing {missing}, unexpected {unexpected}")
     temps = getattr(drafter, TEMPERATURE_KEY, None)
     if temps is not None and not bool(torch.isfinite(temps).all() and (temps > 0).all()):
         raise DrafterLoadError(f"{ckpt / WEIGHTS_NAME}: confidence temperatures must be positive and finite, got {temps.tolist()}")

@@ -9,6 +9,10 @@ costs one round trip, and a step that does not draft costs none.
 Failure contract (what keeps requests alive when a worker dies or stalls):
 * a transport error or timeout raises from ``propose``: the engine decodes that step plainly;
   the queued ops are kept and re-sent, so a transient error loses nothing;
+* after a failed call the worker is not called again for a back-off (``retry_min_s``, doubling up
+  to ``retry_max_s`` while calls keep failing, reset by any answer): meanwhile ``propose`` raises
+  :class:`DraftWorkerUnavailable` at once, so while a worker restarts or stays away the steps
+  decode plainly at full speed instead of each waiting out the transport's timeout;
 * a ``lost`` reply (the worker no longer holds this replica's session: restart, eviction) marks
   every slot's context stale and raises; ``append_context`` on a stale slot raises, so the engine
   stops drafting for the requests in flight (they finish with plain decoding) while slots reset
@@ -20,6 +24,7 @@ placeholder, which greedy verification never reads.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Callable
@@ -27,13 +32,18 @@ from typing import Callable
 import torch
 
 from dspark.platform.contracts import DraftCall, DraftOp, DraftProposal, DraftReply
-from dspark.platform.sampling import SamplingBatch
+from dspark.platform.sampling import SamplingBatch, row_seeds
 
-__all__ = ["DraftSessionLost", "RemoteBlock", "RemoteDrafter", "payload_bytes"]
+__all__ = ["DraftSessionLost", "DraftWorkerUnavailable", "RemoteBlock", "RemoteDrafter", "RemoteDrafterSpec",
+           "payload_bytes"]
 
 
 class DraftSessionLost(RuntimeError):
     """The draft worker no longer holds this replica's contexts."""
+
+
+class DraftWorkerUnavailable(RuntimeError):
+    """A recent call to the draft worker failed: no call is made until its back-off has passed."""
 
 
 @dataclass
@@ -55,12 +65,29 @@ def payload_bytes(obj) -> int:
     return total
 
 
+@dataclass(frozen=True)
+class RemoteDrafterSpec:
+    """A picklable recipe for a ``RemoteDrafter`` (built where it is used, e.g. in a rank actor)."""
+
+    transport: Callable[[DraftCall], DraftReply]
+    block_size: int
+    vocab_size: int
+    session: str | None = None
+
+    def __call__(self) -> "RemoteDrafter":
+        return RemoteDrafter(self.transport, self.block_size, self.vocab_size, session=self.session)
+
+
 class RemoteDrafter:
     """The engine-side proxy of a draft worker session (one per verifier replica)."""
 
     def __init__(self, transport: Callable[[DraftCall], DraftReply], block_size: int, vocab_size: int,
-                 *, session: str | None = None, max_pending_bytes: int = 64 << 20):
+                 *, session: str | None = None, max_pending_bytes: int = 64 << 20, retry_min_s: float = 0.5,
+                 retry_max_s: float = 8.0, clock: Callable[[], float] = time.monotonic):
         self.transport = transport
+        self.retry_min_s, self.retry_max_s, self.clock = retry_min_s, retry_max_s, clock
+        self._backoff = 0.0
+        self._retry_at = 0.0  # on self.clock: no call before this after a failure
         self.block_size = int(block_size)
         self.vocab_size = int(vocab_size)
         self.session = session or f"replica-{uuid.uuid4().hex[:12]}"
@@ -75,6 +102,7 @@ class RemoteDrafter:
         self._lock = threading.Lock()
         # counters (read by metrics and the serving benchmark)
         self.calls = self.failures = self.sessions_lost = 0
+        self.backed_off = 0  # calls not made because the worker failed recently
         self.sent_bytes = self.received_bytes = 0
         self.last_worker = ""
 
@@ -129,14 +157,10 @@ class RemoteDrafter:
     # -- drafting --------------------------------------------------------------------------------
     def propose(self, slots, anchors, positions, sampling: SamplingBatch) -> RemoteBlock:
         rows = [int(s) for s in slots]
+        seeds = row_seeds(sampling)  # first, so the generators advance alike whatever happens next
         stale = [s for s in rows if s in self._stale]
         if stale:
             raise DraftSessionLost(f"the draft worker lost the context of slots {stale}")
-        seeds = []
-        for i, g in enumerate(sampling.generators):
-            greedy = float(sampling.temperature[i]) == 0.0
-            # a per-row seed drawn from the request's own generator: reproducible for seeded requests
-            seeds.append(None if greedy or g is None else int(torch.randint(0, 2**62, (1,), generator=g)))
         want = tuple(float(t) > 0 for t in sampling.temperature.tolist())
         prop = DraftProposal(tuple(rows), tuple(int(a) for a in anchors), tuple(int(p) for p in positions),
                              tuple(float(t) for t in sampling.temperature.tolist()),
@@ -151,6 +175,10 @@ class RemoteDrafter:
 
     def _send(self, proposal: DraftProposal | None) -> DraftReply:
         with self._lock:
+            if self.clock() < self._retry_at:
+                self.backed_off += 1
+                raise DraftWorkerUnavailable(f"the draft worker failed recently; next try in "
+                                             f"{self._retry_at - self.clock():.1f} s")
             call = DraftCall(self.session, self.epoch, self._shape[0], self._shape[1], tuple(self._ops), proposal,
                              first_op=self._acked)
             self.calls += 1
@@ -158,7 +186,10 @@ class RemoteDrafter:
                 reply = self.transport(call)
             except Exception:
                 self.failures += 1
+                self._backoff = min(self.retry_max_s, max(self.retry_min_s, 2 * self._backoff))
+                self._retry_at = self.clock() + self._backoff
                 raise
+            self._backoff = 0.0  # the worker answers (even `lost`): call it again freely
             self.sent_bytes += payload_bytes(call)
             self.received_bytes += payload_bytes(reply)
             self.last_worker = reply.worker

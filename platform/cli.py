@@ -30,6 +30,7 @@ SCHEMAS = {
     "train": "dspark.platform.training.train_config:TrainConfig",
     "data": "dspark.platform.training.data_config:DataConfig",
     "eval": "dspark.platform.training.evaluate:EvalConfig",
+    "serve": "dspark.platform.serving.config:ServeConfig",
     "target": TargetConfig,
     "drafter": DrafterConfig,
     "demo-target": DemoTargetConfig,
@@ -113,6 +114,25 @@ def config() -> None:
 def config_schema(name: str) -> None:
     """Print the JSON schema of a config (field docs, types, ranges)."""
     click.echo(json.dumps(_schema(name).model_json_schema(), indent=2))
+
+
+@config.command("reference")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False), default=None,
+              help="Write the markdown here (e.g. docs/configuration.md) instead of printing it.")
+def config_reference(out_path: str | None) -> None:
+    """Markdown reference of every config file's fields (type, default, description), generated
+    from the schemas; docs/configuration.md is its output."""
+    from pathlib import Path
+
+    from dspark.platform.reference import render_reference
+
+    text = render_reference()
+    if out_path is None:
+        click.echo(text, nl=False)
+        return
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_path).write_text(text, encoding="utf-8")
+    click.echo(f"wrote {out_path}", err=True)
 
 
 @config.command("check")
@@ -207,11 +227,17 @@ def generate(config_path: str | None, overrides: tuple[str, ...], prompt: str | 
 
 @cli.command()
 @_config_options
+@click.option("--serve", "keep_serving", is_flag=True,
+              help="Keep serving after the sweep (prints the URLs and a curl example) until Ctrl-C.")
 @_user_errors
-def demo(config_path: str | None, overrides: tuple[str, ...]) -> None:
-    """Run the platform on the embedded default: build (or reuse) the demo target and
-    generate a completion from it."""
-    _run_generate(load_config(DemoConfig, config_path, overrides))
+def demo(config_path: str | None, overrides: tuple[str, ...], keep_serving: bool) -> None:
+    """The whole platform on one machine: build (or reuse) the demo target, train (or reuse) its
+    DSpark drafter, serve it with Ray Serve beside plain decoding, run a concurrency sweep with
+    the openai client and print tokens/s, τ, speed-up and the scheduler's budgets (plots and a
+    summary go to output_dir). Options: `dspark config schema demo`, clusters/demo.yaml."""
+    from dspark.platform.demo.run import run_demo
+
+    run_demo(load_config(DemoConfig, config_path, overrides), serve_forever=keep_serving)
 
 
 # ------------------------------------------------------------------------------------ bench
@@ -516,12 +542,21 @@ def _register_subcommands() -> None:
     from dspark.platform.serving.cli import serve_command
     from dspark.scheduler.sim_cli import simulate_command, trace_group
 
+    from dspark.platform.bench.serve_cli import bench_serve_command
+
     cli.add_command(serve_command)
+    bench.add_command(bench_serve_command)
     cli.add_command(data)
     cli.add_command(eval_command)
     cli.add_command(calibrate_command)
     cli.add_command(simulate_command)
     cli.add_command(trace_group)
+    from dspark.platform.observability.dashboards_cli import dashboards_group
+
+    cli.add_command(dashboards_group)
+    from dspark.platform.reliability.cli import reliability_group
+
+    cli.add_command(reliability_group)
 
 
 _register_subcommands()

@@ -7,7 +7,9 @@ Every config that crosses a process boundary is one of these models. The rules:
 * YAML files are data only. ``--set a.b=c`` overrides are applied to the raw mapping and the
   result is validated through the same schema as the file, so both paths share one set of rules.
 * :func:`load_config` raises :class:`ConfigError` whose message names the file, the dotted
-  field and the reason; the CLI prints it without a traceback.
+  field and the reason; the CLI prints it without a traceback. A key written twice in one YAML
+  mapping is an error too (plain YAML would keep the last silently), and the values of unknown
+  fields and of fields named like secrets (``api_key_*``) are never echoed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence, TypeVar
 
@@ -29,12 +32,16 @@ __all__ = [
     "DemoTargetConfig",
     "GenerateConfig",
     "EngineConfig",
+    "DemoTrainSettings",
+    "DemoServeSettings",
+    "DemoSweepSettings",
     "DemoConfig",
     "load_config",
     "validate_config",
     "apply_overrides",
     "parse_override",
     "config_hash",
+    "yaml_load",
 ]
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -200,16 +207,83 @@ class EngineConfig(StrictModel):
     seed: int = Field(0, ge=0, description="Seeds requests that bring no seed of their own.")
 
 
+class DemoTrainSettings(StrictModel):
+    """Where `dspark demo` gets its drafter: trained by a recipe (cached under a key of the recipe
+    and the target), or a given directory."""
+
+    recipe: str = Field(
+        "clusters/train-demo.yaml", min_length=1,
+        description="A `dspark train` YAML (schema `train`); its data.generate_config says how the data is "
+        "made. The demo trains it against this config's target (its own target section is replaced).",
+    )
+    drafter_path: str | None = Field(
+        None, min_length=1, description="A trained drafter directory to serve instead (no data, no training)."
+    )
+
+
+class DemoServeSettings(StrictModel):
+    """The Serve app `dspark demo` starts on a local Ray instance."""
+
+    config: str = Field(
+        "clusters/serve-local.yaml", min_length=1,
+        description="A Serve YAML whose application runs dspark's app_builder: its deployments, policy and "
+        "scheduler settings are used; target, demo_target, engine and drafter come from this config.",
+    )
+    topologies: tuple[Literal["disaggregated", "colocated"], ...] = Field(
+        ("disaggregated",), min_length=1,
+        description="Speculative variants started beside the plain (no drafter) baseline, each under its own "
+        "route prefix (/disaggregated/v1, /colocated/v1, /plain/v1).",
+    )
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port on 127.0.0.1.")
+
+    @field_validator("topologies")
+    @classmethod
+    def _distinct(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(v)) != len(v):
+            raise ValueError("topologies must be distinct")
+        return v
+
+
+class DemoSweepSettings(StrictModel):
+    """The concurrency sweep through the openai client (greedy, end-of-text ignored)."""
+
+    concurrency: tuple[int, ...] = Field((1, 4, 16), min_length=1, description="Concurrent streams, one run each.")
+    max_tokens: int = Field(32, ge=1, le=4096, description="New tokens per request.")
+    min_requests: int = Field(
+        4, ge=1, le=100_000, description="Requests per endpoint and concurrency C: max(2·C, this)."
+    )
+
+    @field_validator("concurrency")
+    @classmethod
+    def _positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(c < 1 for c in v) or len(set(v)) != len(v):
+            raise ValueError("distinct positive integers")
+        return tuple(sorted(v))
+
+
 class DemoConfig(StrictModel):
-    """What `dspark demo` runs on the embedded default."""
+    """What `dspark demo` runs on the embedded default (also read by `generate`, `target
+    build-demo`, `bench engine` and `bench policies`)."""
 
     target: TargetConfig = Field(default_factory=TargetConfig, description="The target model.")
     demo_target: DemoTargetConfig = Field(
         default_factory=DemoTargetConfig, description="How the demo target is built when target.path is 'demo'."
     )
-    generate: GenerateConfig = Field(default_factory=GenerateConfig, description="The completion to run.")
-    engine: EngineConfig = Field(default_factory=EngineConfig, description="The verifier engine.")
-    drafter: DrafterConfig = Field(default_factory=DrafterConfig, description="The drafter's shape.")
+    generate: GenerateConfig = Field(
+        default_factory=GenerateConfig, description="The completion `generate` prints; the demo sends it to the "
+        "served endpoints."
+    )
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="The verifier engine (the demo serves with it).")
+    drafter: DrafterConfig = Field(
+        default_factory=DrafterConfig, description="Shape of the untrained drafters of `bench engine` / `bench "
+        "policies` (the demo's drafter is shaped by its training recipe)."
+    )
+    train: DemoTrainSettings = Field(default_factory=DemoTrainSettings, description="The demo's drafter.")
+    serve: DemoServeSettings = Field(default_factory=DemoServeSettings, description="The demo's Serve app.")
+    sweep: DemoSweepSettings = Field(default_factory=DemoSweepSettings, description="The demo's benchmark.")
+    output_dir: str = Field(
+        "artifacts/demo", min_length=1, description="Where the demo writes its plots and summary (created)."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,7 +293,14 @@ class DemoConfig(StrictModel):
 M = TypeVar("M", bound=BaseModel)
 
 
+#: fields whose value may be a secret written in the wrong place: their values are never echoed
+_SECRET_FIELD = re.compile(r"(^|_)(api_?key|secret|password|credentials?|(auth|access|bearer)_?token)(_|$)", re.I)
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
+    """One line per error: the dotted field, the reason and the value given. The values of
+    unknown fields and of fields named like secrets are never shown (a key pasted into the
+    wrong place must not reach a terminal or a log)."""
     lines = [f"invalid configuration in {source}:"]
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
@@ -227,11 +308,43 @@ def _format_errors(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; see the schema with `dspark config schema`)"
         got = e.get("input")
-        got_s = "" if e["type"] in ("extra_forbidden", "missing") else f" (got {got!r})"
+        secret = any(isinstance(p, str) and _SECRET_FIELD.search(p) for p in e["loc"])
+        got_s = "" if e["type"] in ("extra_forbidden", "missing") or secret else f" (got {got!r})"
         if len(got_s) > 80:
             got_s = got_s[:77] + "...)"
         lines.append(f"  {loc}: {msg}{got_s}")
     return "\n".join(lines)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key written twice in one mapping (plain YAML keeps the
+    last one silently, so a half-edited file would drop a setting without a word). Keys merged
+    in with ``<<:`` may still be overridden."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    if key in first:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"key {key!r} is given twice (first at line {first[key] + 1})",
+                            key_node.start_mark)
+                except TypeError:  # an unhashable key: the base loader reports it
+                    continue
+                first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
+
+
+def yaml_load(text: str) -> Any:
+    """YAML as data only (safe loading), with duplicate keys refused; errors are ``yaml.YAMLError``."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -295,7 +408,7 @@ def load_config(schema: type[M], path: str | Path | None = None, overrides: Sequ
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read config file {p}: {exc}") from None
         try:
-            data = yaml.safe_load(text)
+            data = yaml_load(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -43,6 +43,7 @@ __all__ = [
     "greedy_verify",
     "logits_to_probs",
     "rejection_sample",
+    "row_seeds",
     "sample_from_probs",
 ]
 
@@ -337,3 +338,15 @@ def rejection_sample(
     use_residual = rejected & (residual.sum(-1) >= RESIDUAL_EPS)
     final = sample_from_probs(torch.where(use_residual[:, None], residual, pt_rows), exp_noise)
     return num_acc, _place_final(out, num_acc, final)
+
+
+def row_seeds(sampling: SamplingBatch) -> list[int | None]:
+    """A draft seed per row, drawn from the request's own generator (None for greedy rows and
+    requests without one): sampled drafts are reproducible for seeded requests. Every caller that
+    must keep a request's random stream in step with a ``propose`` (the tensor-parallel ranks that
+    mirror rank 0) draws exactly these."""
+    seeds: list[int | None] = []
+    for i, g in enumerate(sampling.generators):
+        greedy = float(sampling.temperature[i]) == 0.0
+        seeds.append(None if greedy or g is None else int(torch.randint(0, 2**62, (1,), generator=g)))
+    return seeds

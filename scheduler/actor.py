@@ -203,16 +203,23 @@ class SchedulerActor:
     :func:`get_or_create_scheduler` (subclasses can be injected there, e.g. by tests)."""
 
     def __init__(self, config: dict[str, Any] | None = None):
+        from dspark.platform.observability.recorders import SchedulerMetrics
+
         self.core = SchedulerCore(SchedulerConfig(**(config or {})))
+        self.metrics = SchedulerMetrics()  # budgets per replica as Ray metrics, at most once a second
 
     def register(self, info: ReplicaInfo) -> BudgetReply:
         return self.core.register(info)
 
     def heartbeat(self, hb: Heartbeat) -> BudgetReply:
-        return self.core.heartbeat(hb)
+        reply = self.core.heartbeat(hb)
+        self.metrics.maybe_publish(self.core.cluster_view)
+        return reply
 
     def deregister(self, replica_id: str) -> bool:
-        return self.core.deregister(replica_id)
+        gone = self.core.deregister(replica_id)
+        self.metrics.maybe_publish(self.core.cluster_view)
+        return gone
 
     def cluster_view(self) -> ClusterView:
         return self.core.cluster_view()

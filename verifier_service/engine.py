@@ -119,6 +119,8 @@ class StepRecord:
     accepted: tuple[int, ...]  # a_r <= ℓ_r
     confidences: Any  # [R, γ] float numpy array of the drafter's confidences, or None
     fallback: bool  # the drafter failed this step (ℓ = 0 for all)
+    draft_s: float | None = None  # wall seconds of the step's draft phase (policy included), as in EngineTimings
+    verify_s: float | None = None  # wall seconds of its verify phase (forward, acceptance, commit)
 
 
 def _scatter_block(block, rows: list[int], R: int):
@@ -196,6 +198,7 @@ class VerifierEngine:
         self.waiting: collections.deque[_Running] = collections.deque()
         self.running: list[_Running] = []  # index in this list == slot
         self.total_fallback_steps = 0
+        self._drafter_failing = False
         self.skipped_draft_steps = 0  # steps the policy decided not to draft (the pass would not pay)
         self.context_failures = 0  # append_context failures (those requests stopped drafting)
         self.timings = EngineTimings()
@@ -381,8 +384,13 @@ class VerifierEngine:
                     limits = tuple(m if self.running[i].drafting else 0 for i, m in enumerate(limits))
                     view = BatchView(conf, self.gamma, req_ids, self.verify_budget, limits)
                     lengths = decide_lengths(self.policy, view)  # limits and budget enforced there too
+                    self._drafter_failing = False
             except Exception:
-                log.exception("drafter failed; this step decodes without drafts")
+                # the first failure of a run with its traceback, the rest quietly (a worker that is
+                # away fails every step) until a draft succeeds again
+                (log.debug if self._drafter_failing else log.exception)("drafter failed; this step decodes without "
+                                                                        "drafts", exc_info=True)
+                self._drafter_failing = True
                 block, lengths, fallback, conf = None, [0] * R, True, None
                 self.total_fallback_steps += 1
         # never verify past max_tokens: the step emits ℓ_accepted + 1 tokens
@@ -412,7 +420,7 @@ class VerifierEngine:
         self.timings.steps += 1
         if self.observers:
             record = StepRecord(tuple(r.request.request_id for r in self.running), tuple(lengths),
-                                tuple(int(a) for a in num_acc), conf, fallback)
+                                tuple(int(a) for a in num_acc), conf, fallback, t1 - t0, t2 - t1)
             for obs in self.observers:
                 try:
                     obs(record)
@@ -442,29 +450,53 @@ class VerifierEngine:
         return outputs
 
     def _accept(self, logits: torch.Tensor, block, lengths: list[int], sampling: SamplingBatch):
-        """Rejection sampling over the ragged batch -> (num_accepted [R], emitted [R, max_ℓ+1])."""
+        """Rejection sampling over the ragged batch -> (num_accepted [R], emitted [R, max_ℓ+1]), both on CPU.
+
+        Verification runs on the logits' device, so on a GPU ``greedy_verify`` / ``rejection_sample``
+        take the Triton kernel of ``dspark.kernels.rejection`` when the kernel dispatcher picks it
+        (the reference otherwise; on CPU always). Crossing devices: the draft tokens and logits when
+        the drafter left them elsewhere; the uniforms [D] and Exp(1) noise [R, V], always drawn from
+        the requests' CPU generators (so a seeded request's stream is the same on every device and
+        path) and moved to the logits; the two small results, moved back. ``cu`` stays on the CPU:
+        both implementations read the ragged layout on the host anyway.
+        """
+        dev = logits.device
         R = len(lengths)
-        counts = torch.tensor(lengths, dtype=torch.long)
-        cu = torch.zeros(R + 1, dtype=torch.long)
+        counts = torch.tensor(lengths, dtype=torch.long)  # [R]
+        cu = torch.zeros(R + 1, dtype=torch.long)  # [R+1]
         cu[1:] = torch.cumsum(counts, 0)
-        rows = torch.cat([logits[i, : l + 1] for i, l in enumerate(lengths)]).float()  # [D+R, V]
+        # target rows in the logits' dtype: argmax and logits_to_probs' float32 upcast see the same values
+        rows = self._ragged_rows(logits, [l + 1 for l in lengths])  # [D+R, V]
         if block is not None and cu[-1] > 0:
-            draft_tokens = torch.cat([block.tokens[i, :l] for i, l in enumerate(lengths)]).cpu()  # [D]
+            draft_tokens = self._ragged_rows(block.tokens, lengths).to(dev)  # [D]
         else:
-            draft_tokens = torch.zeros(0, dtype=torch.long)
+            draft_tokens = torch.zeros(0, dtype=torch.long, device=dev)  # [0]
         if bool(sampling.greedy.all()):
-            return greedy_verify(draft_tokens, rows.argmax(-1).cpu(), cu)
+            return self._to_host(greedy_verify(draft_tokens, rows.argmax(-1), cu))
         per_row = sampling.repeat_interleave(counts + 1)
-        target_probs = logits_to_probs(rows, per_row.temperature, per_row.top_k, per_row.top_p)
+        target_probs = logits_to_probs(rows, per_row.temperature, per_row.top_k, per_row.top_p)  # [D+R, V] f32
         if cu[-1] > 0:
-            draft_rows = torch.cat([block.logits[i, :l] for i, l in enumerate(lengths)]).float().to(rows.device)
+            draft_rows = self._ragged_rows(block.logits, lengths).to(dev)  # [D, V]
             per_draft = sampling.repeat_interleave(counts)
-            draft_probs = logits_to_probs(draft_rows, per_draft.temperature, per_draft.top_k, per_draft.top_p)
+            draft_probs = logits_to_probs(draft_rows, per_draft.temperature, per_draft.top_k, per_draft.top_p)  # [D, V] f32
         else:
-            draft_probs = rows.new_zeros((0, rows.shape[-1]))
-        uniforms = draw_uniforms(sampling.generators, lengths)
-        noise = draw_exponentials(sampling.generators, rows.shape[-1])
-        return rejection_sample(draft_tokens, draft_probs.cpu(), target_probs.cpu(), cu, uniforms, noise)
+            draft_probs = target_probs.new_zeros((0, target_probs.shape[-1]))  # [0, V] f32
+        uniforms = draw_uniforms(sampling.generators, lengths).to(dev)  # [D], drawn on the CPU generators
+        noise = draw_exponentials(sampling.generators, rows.shape[-1]).to(dev)  # [R, V], drawn after the uniforms
+        return self._to_host(rejection_sample(draft_tokens, draft_probs, target_probs, cu, uniforms, noise))
+
+    @staticmethod
+    def _ragged_rows(x: torch.Tensor, counts: list[int]) -> torch.Tensor:  # [R, q, ...] -> [Σ counts, ...]
+        """The first ``counts[r]`` rows of each request, concatenated; a view (no copy) when every
+        request uses all q rows and ``x`` is contiguous, one copy otherwise."""
+        if counts and all(c == x.shape[1] for c in counts):
+            return x.reshape(-1, *x.shape[2:])
+        return torch.cat([x[i, :c] for i, c in enumerate(counts)])
+
+    @staticmethod
+    def _to_host(result: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(num_accepted [R], emitted [R, max_ℓ+1]) on the CPU, where the commit loop reads them."""
+        return result[0].cpu(), result[1].cpu()
 
     def _emit(self, r: _Running, new: list[int]) -> RequestOutput:
         """Append ``new`` tokens one at a time, exactly as plain decoding would see them: the

@@ -13,6 +13,9 @@ by the loop thread between steps, so the engine is only ever touched by one thre
   is cleared and the loop goes on serving new requests: no request hangs;
 * ``before_step`` (optional) runs in the loop thread before every step: the place to read the
   scheduler's verify budget.
+* ``metrics`` (optional, e.g. ``dspark.platform.observability.recorders.LoopMetrics``) gets
+  ``on_step(engine, outputs, busy_s)`` after every step and ``on_idle(engine, busy_s)`` at least
+  every ``metrics.idle_interval_s`` while the loop waits; it must not raise.
 """
 
 from __future__ import annotations
@@ -70,9 +73,11 @@ class RequestStream:
 
 
 class ReplicaLoop:
-    def __init__(self, engine: Any, *, before_step: Callable[[Any], None] | None = None, name: str = "replica"):
+    def __init__(self, engine: Any, *, before_step: Callable[[Any], None] | None = None, name: str = "replica",
+                 metrics: Any = None):
         self.engine = engine
         self.before_step = before_step
+        self.metrics = metrics
         self.name = name
         self._streams: dict[str, RequestStream] = {}
         self._commands: list[tuple[str, Any]] = []
@@ -126,7 +131,9 @@ class ReplicaLoop:
         while True:
             with self._wake:
                 while not self._stop and not self._commands and not self.engine.has_unfinished():
-                    self._wake.wait()
+                    if self.metrics is not None:
+                        self.metrics.on_idle(self.engine, self.busy_s)
+                    self._wake.wait(self.metrics.idle_interval_s if self.metrics is not None else None)
                 if self._stop:
                     break
                 commands, self._commands = self._commands, []
@@ -159,6 +166,8 @@ class ReplicaLoop:
                     stream._put(out)
                     if out.finished:
                         self._streams.pop(out.request_id, None)
+            if self.metrics is not None:  # after the outputs went out: recording never delays them
+                self.metrics.on_step(self.engine, outputs, self.busy_s)
         self._fail_all(ReplicaError(f"{self.name} stopped"))
 
     def _finish(self, request_id: str, error: BaseException | None) -> None:

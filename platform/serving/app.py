@@ -23,6 +23,7 @@ from ray import serve
 from dspark.platform.contracts import DraftCall, DraftReply, GenerationRequest, RequestOutput
 from dspark.platform.serving import openai_api as oai
 from dspark.platform.serving.config import DEPLOYMENT_NAMES, ServeConfig
+from dspark.platform.observability.recorders import IngressMetrics, LoopMetrics, StepMetrics, serve_tags
 
 __all__ = ["app_builder", "Ingress", "VerifierReplica", "DraftWorker"]
 
@@ -56,17 +57,14 @@ class DraftWorker:
 @serve.deployment(name=DEPLOYMENT_NAMES["verifier"])
 class VerifierReplica:
     def __init__(self, args: dict, draft_handle: Any = None):
-        from dspark.platform.serving.replica_setup import build_engine, resolve_target
+        from dspark.platform.serving.replica_setup import ServeDraftTransport, build_engine, resolve_target
         from dspark.verifier_service.replica import ReplicaLoop
 
         self.cfg = cfg = ServeConfig.model_validate(args)
         self.session = f"replica-{uuid.uuid4().hex[:12]}"
         transport = None
         if draft_handle is not None:
-            h = draft_handle.options(multiplexed_model_id=self.session)
-
-            def transport(call: DraftCall) -> DraftReply:
-                return h.call.remote(call).result(timeout_s=cfg.draft_timeout_s)
+            transport = ServeDraftTransport(draft_handle, self.session, cfg.draft_timeout_s)
 
         # off the replica's event loop: measuring the profile calls the draft worker synchronously
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -77,7 +75,10 @@ class VerifierReplica:
         if self.client is not None:
             def before(engine, client=self.client):
                 engine.verify_budget = client.current_budget()
-        self.loop = ReplicaLoop(self.engine, before_step=before, name=self.session).start()
+        # metrics (platform/observability), tagged with the session: the id the scheduler knows it by
+        obs_tags = {**serve_tags(), "replica": self.session}
+        self.engine.add_observer(StepMetrics(obs_tags))
+        self.loop = ReplicaLoop(self.engine, before_step=before, name=self.session, metrics=LoopMetrics(obs_tags)).start()
 
     def _scheduler_client(self):
         from dspark.scheduler.actor import RaySchedulerTransport, get_or_create_scheduler
@@ -87,7 +88,9 @@ class VerifierReplica:
         if sps is None:
             return None
         try:
-            get_or_create_scheduler()
+            # detached: the actor must outlive whichever replica created it (replicas come and go with
+            # autoscaling and failures); every replica reuses it by name. Keep the handle as well.
+            self._scheduler = get_or_create_scheduler(detached=True)
             info = replica_info(self.session, sps, max_batch_size=self.engine.max_batch_size, gamma=self.engine.gamma)
             client = SchedulerClient(info, RaySchedulerTransport(), probe=engine_probe(self.engine))
             self.engine.add_observer(client.observe_step)
@@ -105,11 +108,17 @@ class VerifierReplica:
         """Counters for benchmarks and tests."""
         e, d = self.engine, self.engine.drafter
         out = {"steps": e.timings.steps, "draft_s": e.timings.draft_s, "verify_s": e.timings.verify_s,
+               "prefill_s": e.timings.prefill_s, "tokens": e.timings.tokens,
+               "topology": self.cfg.topology if d is not None else "plain",
                "fallback_steps": e.total_fallback_steps, "skipped_draft_steps": e.skipped_draft_steps,
                "context_failures": e.context_failures, "running": e.num_running, "session": self.session}
         for k in ("calls", "failures", "sessions_lost", "sent_bytes", "received_bytes", "last_worker"):
             if hasattr(d, k):
                 out[f"draft_{k}"] = getattr(d, k)
+        if self.client is not None:  # the scheduler client: answered / failed heartbeats, budget source
+            st = self.client.status()
+            out.update(scheduler_exchanges=st.exchanges, scheduler_failures=st.failures,
+                       budget_from_scheduler=st.budget_from_scheduler)
         return out
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
@@ -124,12 +133,17 @@ class VerifierReplica:
     def check_health(self) -> None:
         if not self.loop.alive:
             raise RuntimeError("the step loop is not running")
+        broken = getattr(self.engine, "broken", None)  # a tensor-parallel group that lost a rank
+        if broken:
+            raise RuntimeError(f"the tensor-parallel group is broken: {broken}")
 
     def __del__(self):
         try:
             self.loop.stop(2.0)
             if self.client is not None:
                 self.client.stop()
+            if hasattr(self.engine, "shutdown"):  # a tensor-parallel group: its rank actors
+                self.engine.shutdown()
         except Exception:
             pass
 
@@ -140,12 +154,16 @@ api = FastAPI(title="dspark", docs_url=None, redoc_url=None)
 
 def _api_key(cfg: ServeConfig) -> str | None:
     ing = cfg.ingress
+    # a blank key would let every request without a key in: refuse to start instead
     if ing.api_key_file:
-        return Path(ing.api_key_file).expanduser().read_text().splitlines()[0].strip()
+        lines = Path(ing.api_key_file).expanduser().read_text().splitlines()
+        if not lines or not lines[0].strip():
+            raise RuntimeError(f"the API key file {ing.api_key_file} has no key on its first line")
+        return lines[0].strip()
     if ing.api_key_env:
-        key = os.environ.get(ing.api_key_env)
+        key = os.environ.get(ing.api_key_env, "").strip()  # HTTP strips header values: so do we
         if not key:
-            raise RuntimeError(f"the API key variable {ing.api_key_env} is not set")
+            raise RuntimeError(f"the API key variable {ing.api_key_env} is not set (or blank)")
         return key
     return None
 
@@ -171,6 +189,7 @@ class Ingress:
         self.key = _api_key(self.cfg)
         self._info: dict | None = None
         self._tokenizer = None
+        self.obs = IngressMetrics(serve_tags())
 
     async def _setup(self):
         if self._info is None:
@@ -197,8 +216,19 @@ class Ingress:
         try:
             self._auth(request)
         except oai.APIError as exc:
+            self.obs.error(exc)
             return _error(exc)
         return {"object": "list", "data": [{"id": self.cfg.model_name, "object": "model", "owned_by": "dspark"}]}
+
+    @api.get("/dspark/stats")
+    async def replica_stats(self, request: Request):
+        """One verifier replica's step counters (``VerifierReplica.stats``), for ``dspark bench
+        serve``: Serve routes the call to one replica, so with several the figures are per replica."""
+        try:
+            self._auth(request)
+        except oai.APIError as exc:
+            return _error(exc)
+        return await self.verifier.stats.remote()
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
@@ -209,6 +239,7 @@ class Ingress:
         return await self._serve(request, chat=True)
 
     async def _serve(self, request: Request, *, chat: bool) -> Response:
+        timer = self.obs.request("chat" if chat else "completions")  # TTFT, ITL, latency, errors
         try:
             self._auth(request)
             body = oai.parse_body(await request.body(), oai.ChatBody if chat else oai.CompletionBody,
@@ -226,16 +257,24 @@ class Ingress:
             rid = oai.new_id("chatcmpl" if chat else "cmpl")
             gen = self.verifier.options(stream=True).generate.remote(GenerationRequest(rid, tuple(ids), params))
             first = await self._first(gen)
+            timer.output(len(first.new_token_ids))
         except oai.APIError as exc:
+            timer.error(exc)
             return _error(exc)
         acceptance = bool(body.dspark and body.dspark.acceptance)
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(self._stream(gen, first, rid, tok, chat, len(ids), acceptance, include_usage),
+            return StreamingResponse(self._stream(gen, first, rid, tok, chat, len(ids), acceptance, include_usage, timer),
                                      media_type="text/event-stream")
         last = first
-        async for out in gen:
-            last = out
+        try:
+            async for out in gen:
+                last = out
+                timer.output(len(out.new_token_ids))
+        except Exception:
+            timer.error("server_error")
+            raise
+        timer.done()
         text = tok.decode(list(last.token_ids), skip_special_tokens=True)
         make = oai.chat_response if chat else oai.completion_response
         return JSONResponse(make(rid, self.cfg.model_name, text, last, len(ids), acceptance))
@@ -243,7 +282,11 @@ class Ingress:
     def _prompt_ids(self, body, tok, chat: bool, info: dict) -> list[int]:
         if chat:
             msgs = [m.model_dump(exclude_none=True) for m in body.messages]
-            return chat_ids(tok, msgs)
+            try:
+                return chat_ids(tok, msgs)
+            except Exception as exc:  # a template that refuses an order of roles (raise_exception)
+                raise oai.APIError(400, f"the model's chat template refused these messages: {exc}",
+                                   param="messages") from None
         if isinstance(body.prompt, str):
             if not body.prompt:
                 raise oai.APIError(400, "prompt must not be empty", param="prompt")
@@ -266,7 +309,7 @@ class Ingress:
             raise oai.APIError(503, f"the verifier replica failed: {type(exc).__name__}", kind="server_error") from None
 
     async def _stream(self, gen, first: RequestOutput, rid: str, tok, chat: bool, prompt_tokens: int,
-                      acceptance: bool, include_usage: bool):
+                      acceptance: bool, include_usage: bool, timer: Any = None):
         model, sent, last = self.cfg.model_name, "", first
         if chat:
             yield oai.sse(oai.chat_chunk(rid, model, {"role": "assistant", "content": ""}, None))
@@ -283,10 +326,14 @@ class Ingress:
                                   else oai.completion_chunk(rid, model, delta, out))
                 try:
                     out = await gen.__anext__()
+                    if timer is not None:
+                        timer.output(len(out.new_token_ids))
                 except StopAsyncIteration:
                     out = None
         except Exception as exc:
             log.exception("stream %s failed", rid)
+            if timer is not None:
+                timer.error("server_error")
             yield oai.sse({"error": {"message": f"the verifier replica failed: {type(exc).__name__}", "type": "server_error"}})
         finally:
             gen.cancel()  # no-op when finished; a disconnected client aborts the request
@@ -295,6 +342,8 @@ class Ingress:
             yield oai.sse(oai.chat_chunk(rid, model, {}, None, {"choices": [], "usage": u}) if chat
                           else oai.completion_chunk(rid, model, "", None, {"choices": [], "usage": u}))
         yield oai.sse("[DONE]")
+        if timer is not None:
+            timer.done()
 
 
 # ----------------------------------------------------------------------------------------- app
@@ -305,5 +354,8 @@ def app_builder(args: dict) -> serve.Application:
     draft = None
     if cfg.drafter_path is not None and cfg.topology == "disaggregated":
         draft = DraftWorker.options(**cfg.draft_worker.to_serve()).bind(data)
-    verifier = VerifierReplica.options(**cfg.verifier.to_serve()).bind(data, draft)
+    options = cfg.verifier.to_serve()
+    if cfg.tensor_parallel_size > 1:  # the resources are the ranks'; the replica actor only coordinates
+        options["ray_actor_options"] = {"num_cpus": 0.05, "num_gpus": 0}
+    verifier = VerifierReplica.options(**options).bind(data, draft)
     return Ingress.options(**cfg.ingress_deployment.to_serve()).bind(data, verifier)

@@ -18,9 +18,10 @@ whose application imports ``dspark.platform.serving.app:app_builder`` and passes
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from dspark.platform.config import DemoTargetConfig, EngineConfig, StrictModel, TargetConfig
 
@@ -88,6 +89,22 @@ class IngressSettings(StrictModel):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest request body accepted (413 above).")
     max_tokens_default: int = Field(256, ge=1, description="max_tokens when a request gives none.")
     request_timeout_s: float = Field(600.0, gt=0, description="A request still running after this is aborted.")
+
+    # The config names where the key is, never the key itself: configs are printed, logged and
+    # passed to every replica as deployment args.
+    @field_validator("api_key_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", v):
+            raise ValueError("must be the NAME of an environment variable holding the key (letters, digits "
+                             "and '_'), not the key itself")
+        return v
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> "IngressSettings":
+        if self.api_key_env and self.api_key_file:
+            raise ValueError("set api_key_env or api_key_file, not both")
+        return self
 
 
 class ServeConfig(StrictModel):

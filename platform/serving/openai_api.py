@@ -12,6 +12,7 @@ statistics to ``usage``.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Any, Literal
@@ -22,6 +23,13 @@ from dspark.platform.contracts import RequestOutput, SamplingParams
 
 __all__ = ["APIError", "CompletionBody", "ChatBody", "parse_body", "sampling_params", "completion_response",
            "completion_chunk", "chat_response", "chat_chunk", "sse", "usage"]
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+#: temperatures below this are greedy decoding: logits / T overflows float32 for tiny T and the
+#: softmax turns to NaN, while the limit T -> 0 of sampling is the argmax anyway
+MIN_SAMPLING_TEMPERATURE = 1e-5
 
 
 class APIError(Exception):
@@ -47,7 +55,7 @@ class _Common(_Strict):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0)  # not in OpenAI's API; vLLM and others accept it
+    top_k: int = Field(0, ge=0, lt=2**63)  # not in OpenAI's API (others accept it); >= vocab = off
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     stream: bool = False
@@ -73,25 +81,43 @@ class ChatBody(_Common):
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
+def _check_text(data: Any) -> None:
+    """Refuse strings no UTF-8 text can hold: JSON may escape a lone surrogate (``"\\ud800"``),
+    which the tokenizer and the JSON encoder of the response both reject later. Iterative, so a
+    deeply nested body costs no recursion."""
+    stack = [data]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, str):
+            if not x.isascii() and _SURROGATE.search(x):
+                raise APIError(400, "request body holds a string with a lone UTF-16 surrogate escape "
+                                    "(e.g. \"\\ud800\"): send valid Unicode text", code="invalid_unicode")
+        elif isinstance(x, dict):
+            stack.extend(x.keys())
+            stack.extend(x.values())
+        elif isinstance(x, list):
+            stack.extend(x)
+
+
 def parse_body(raw: bytes, kind: type[_Strict], *, max_bytes: int) -> Any:
-    """Bytes -> a validated body, or APIError 413 / 400 with the reason."""
+    """Bytes -> a validated body, or APIError 413 / 400 with the reason. Contract: whatever the
+    bytes, the only exception is :class:`APIError` (tests fuzz this)."""
     if len(raw) > max_bytes:
         raise APIError(413, f"request body of {len(raw)} bytes exceeds the limit of {max_bytes}", code="body_too_large")
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, and ints over Python's digit limit
         raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "request body is not valid JSON: nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object", code="invalid_json")
-    # ints are accepted where floats are expected (JSON has one number type)
-    for key in ("temperature", "top_p"):
-        if isinstance(data.get(key), int) and not isinstance(data.get(key), bool):
-            data[key] = float(data[key])
+    _check_text(data)
     try:
-        return kind.model_validate(data)
+        return kind.model_validate(data)  # strict floats accept JSON integers (1 -> 1.0)
     except ValidationError as exc:
         err = exc.errors()[0]
-        param = ".".join(str(p) for p in err["loc"]) or None
+        param = ".".join(str(p) for p in err["loc"])[:200] or None  # a key may be client junk: keep it short
         if err["type"] == "extra_forbidden":
             msg = f"unsupported field {param!r}"
         else:
@@ -106,7 +132,8 @@ def sampling_params(body: _Common, *, default_max_tokens: int) -> SamplingParams
     if len(stop) > 4:
         raise APIError(400, "at most 4 stop strings", param="stop")
     max_tokens = getattr(body, "max_completion_tokens", None) or body.max_tokens or default_max_tokens
-    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+    temperature = body.temperature if body.temperature >= MIN_SAMPLING_TEMPERATURE else 0.0
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=body.top_p, top_k=body.top_k,
                           seed=body.seed, stop=stop, ignore_eos=body.ignore_eos)
 
 
@@ -124,6 +151,11 @@ def usage(prompt_tokens: int, out: RequestOutput | None, acceptance: bool) -> di
             "acceptance_rate": (s.accepted / s.drafted) if s.drafted else None,
             "tokens_per_step": (len(out.token_ids) / s.steps) if s.steps else None,
             "fallback_steps": s.fallback_steps,
+            # mean drafts accepted per verify step; per block position k = 1..γ: drafts verified
+            # there, accepted there, and their ratio (None where none was verified)
+            "mean_accepted_length": (s.accepted / s.steps) if s.steps else None,
+            "drafted_at": list(s.proposed_at), "accepted_at": list(s.accepted_at),
+            "acceptance_rate_at": [(a / p) if p else None for a, p in zip(s.accepted_at, s.proposed_at)],
         }
     return u
 

@@ -3,8 +3,13 @@
 Contract of :class:`FrozenTarget`:
 
 * Loaded with ``from_pretrained`` from a local directory, **safetensors only**
-  (``use_safetensors=True``; a directory holding only ``*.bin``/pickle weights is refused),
-  ``trust_remote_code`` only when the config allows it; parameters frozen, module in eval mode.
+  (``use_safetensors=True``; a directory holding only ``*.bin``/pickle weights is refused, and a
+  pickle file beside safetensors weights is never opened), ``trust_remote_code`` only when the
+  config allows it; parameters frozen, module in eval mode.
+* Every weight of the model comes from the checkpoint: a checkpoint that lacks some (which
+  ``from_pretrained`` would fill with random values, with a warning) is refused, as are
+  truncated or garbled safetensors files and unreadable ``config.json`` files, all with
+  :class:`TargetLoadError` naming the directory and the reason.
 * ``forward`` runs the decoder once and returns, in that one pass:
     - ``features``    ``[batch, seq, n_layers * hidden]``: the *raw* outputs of the decoder
       layers named by ``layer_ids`` (DeepSpec's ``target_layer_ids``; ``-1`` = embedding output),
@@ -217,21 +222,31 @@ def load_target(cfg: TargetConfig, path: str | Path | None = None, *, with_token
     except ValueError as exc:
         hint = "" if cfg.trust_remote_code else " (if it ships its own modelling code, set target.trust_remote_code: true)"
         raise TargetLoadError(f"cannot read the model config in {ckpt}: {exc}{hint}") from None
+    except Exception as exc:  # not JSON (OSError), inconsistent fields (huggingface_hub's validation errors), ...
+        raise TargetLoadError(f"cannot read the model config {ckpt / 'config.json'}: {exc}") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             ckpt,
             config=hf_config,
             dtype=_DTYPES[cfg.dtype],
             use_safetensors=True,
             trust_remote_code=cfg.trust_remote_code,
+            output_loading_info=True,
         )
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
-        raise TargetLoadError(f"cannot load the target weights from {ckpt}: {exc}") from None
+        raise TargetLoadError(f"cannot load the target weights from {ckpt} (a damaged or incomplete "
+                              f"checkpoint, or a config.json that does not match its weights): {exc}") from None
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise TargetLoadError(f"the checkpoint in {ckpt} lacks {len(missing)} weight(s) of its model "
+                              f"({shown}); they would be random. Is a safetensors shard missing or truncated?")
     model.to(cfg.device)
     tokenizer = None
     if with_tokenizer:
         try:
             tokenizer = AutoTokenizer.from_pretrained(ckpt, trust_remote_code=cfg.trust_remote_code)
-        except (OSError, ValueError) as exc:
-            raise TargetLoadError(f"cannot load the tokenizer from {ckpt}: {exc}") from None
+        except Exception as exc:  # a damaged tokenizer.json fails in many ways (KeyError, TypeError, ...)
+            raise TargetLoadError(f"cannot load the tokenizer from {ckpt} (are tokenizer.json and "
+                                  f"tokenizer_config.json intact?): {type(exc).__name__}: {exc}") from None
     return FrozenTarget(model, cfg.layer_ids, tokenizer=tokenizer)

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from dspark.platform.observability.recorders import TrainingMetrics
 from dspark.platform.training.objective import (
     LOSS_TERMS,
     Parts,
@@ -227,6 +228,8 @@ class DrafterTrainer:
                                 self.step * cfg.grad_accum)
         log = _Logger(info.run_dir, enabled=info.rank == 0, tensorboard=cfg.tensorboard)
         bar = _progress(cfg.steps, self.step, enabled=info.rank == 0)
+        # Ray metrics (platform/observability), rank 0 only: the values are global already
+        metrics = TrainingMetrics(cfg.name) if info.rank == 0 else None
         last: dict = {}
         try:
             while self.step < cfg.steps:
@@ -236,6 +239,8 @@ class DrafterTrainer:
                 values["tokens_per_s"] = values["tokens"] / values["seconds"]
                 values["step"] = self.step
                 last = values
+                if metrics is not None:
+                    metrics.step(values)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     log.write(values)
                 bar.update(1)
@@ -264,6 +269,11 @@ class DrafterTrainer:
         return out
 
     def _restore(self, src: Path) -> None:
+        # DeepSpeed reads its optimizer/engine shards with torch.load(weights_only=False): they
+        # hold Python objects (the DeepSpeed config, param groups), so weights_only cannot be
+        # used. This is trusted local state: ``src`` is a checkpoint this trainer wrote under its
+        # own run directory (launch.py resumes only from there). Never point a run at checkpoints
+        # from elsewhere; the drafter itself is shipped as safetensors (``drafter/``).
         state = json.loads((src / STATE_NAME).read_text())
         load_path, _ = self.engine.load_checkpoint(str(src), tag=DS_TAG)
         if load_path is None:

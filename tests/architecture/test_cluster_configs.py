@@ -23,6 +23,7 @@ SCHEMAS = {
 VALIDATED_ELSEWHERE = {
     "aws-serve.yaml": "test_serve_configs.py", "gcp-serve.yaml": "test_serve_configs.py",
     "kuberay-rayservice.yaml": "test_serve_configs.py",
+    "prometheus.yml": "../platform/observability/test_prometheus.py",  # promtool + a real Prometheus
 }
 
 

@@ -103,7 +103,7 @@ def test_transport_failures_fall_back_and_retries_do_not_double_apply(target):
             raise TimeoutError("reply lost")
         return in_step(call)
 
-    remote = RemoteDrafter(flaky, 4, target.vocab_size)
+    remote = RemoteDrafter(flaky, 4, target.vocab_size, retry_min_s=0.0)  # no back-off: every step retries
     eng, rec, out = run(target, remote, reqs)
     for i, p in enumerate(ps):
         assert out[str(i)] == hf_greedy(target, p, 9 + 2 * i)

@@ -53,17 +53,17 @@ def test_config_schema_prints_json():
     assert schema["additionalProperties"] is False and "hidden_size" in schema["properties"]
 
 
-def test_demo_builds_then_reuses_and_generates(tmp_path):
+def test_generate_builds_then_reuses_the_demo_target(tmp_path):
     cfg = {"demo_target": tiny_demo_config().model_dump(mode="json"),
            "generate": {"prompt": "def main():\n", "max_new_tokens": 8}}
     p = tmp_path / "demo.yaml"
     p.write_text(yaml.safe_dump(cfg))
     env = {"DSPARK_CACHE": str(tmp_path / "cache")}
-    first = run("demo", "--config", str(p), env=env)
+    first = run("generate", "--config", str(p), env=env)
     assert first.returncode == 0, first.stderr
     assert "validation loss" in first.stderr and "tokens/s" in first.stdout
     assert first.stdout.startswith("def main():\n")
-    second = run("demo", "--config", str(p), "--set", "generate.max_new_tokens=4", env=env)
+    second = run("generate", "--config", str(p), "--set", "generate.max_new_tokens=4", env=env)
     assert second.returncode == 0, second.stderr
     assert "validation loss" not in second.stderr  # reused from the cache
     n_tokens = int(second.stdout.rsplit(" tokens in ", 1)[0].split()[-1])

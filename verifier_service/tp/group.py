@@ -24,6 +24,7 @@ the answers.
 from __future__ import annotations
 
 import hashlib
+import logging
 import socket
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from typing import Any, Callable, Iterable, NoReturn, Sequence
 from dspark.platform.contracts import GenerationRequest, RequestOutput
 
 __all__ = ["ShardedEngineFactory", "TPDivergenceError", "TPGroup", "TPGroupError", "check_agreement", "outputs_digest"]
+
+log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[int, int], Any]  # (rank, world_size) -> VerifierEngine, after dist init
 
@@ -65,13 +68,16 @@ class ShardedEngineFactory:
     """A picklable ``engine_factory``: load the target, shard it for this rank, build the engine.
 
     ``drafter(target)`` (optional) builds the colocated drafter from the sharded target (whose
-    config, embeddings and LM head are those of the full model); ``engine_kwargs`` go to
-    :class:`VerifierEngine` (``policy``, ``max_batch_size``, ``seed``, ...)."""
+    config, embeddings and LM head are those of the full model); ``remote_drafter()`` (optional,
+    instead) builds rank 0's remote drafter (a ``RemoteDrafter`` over a draft-worker transport),
+    which every rank then sees through a :class:`~dspark.verifier_service.tp.drafter.BroadcastDrafter`;
+    ``engine_kwargs`` go to :class:`VerifierEngine` (``policy``, ``max_batch_size``, ``seed``, ...)."""
 
     target: Any  # dspark.platform.config.TargetConfig
     engine_kwargs: dict = field(default_factory=dict)
     drafter: Callable[[Any], Any] | None = None
     with_tokenizer: bool = True
+    remote_drafter: Any = None  # e.g. dspark.drafter_service.remote.RemoteDrafterSpec (has .block_size)
 
     def __call__(self, rank: int, world_size: int) -> Any:
         from dspark.platform.target.loading import load_target
@@ -80,6 +86,11 @@ class ShardedEngineFactory:
 
         target = shard_target(load_target(self.target, with_tokenizer=self.with_tokenizer), rank, world_size)
         drafter = self.drafter(target) if self.drafter is not None else None
+        if self.remote_drafter is not None:
+            from dspark.verifier_service.tp.drafter import BroadcastDrafter
+
+            inner = self.remote_drafter() if rank == 0 else None
+            drafter = BroadcastDrafter(inner, self.remote_drafter.block_size, target.vocab_size)
         return VerifierEngine(target, drafter, **self.engine_kwargs)
 
 
@@ -113,6 +124,35 @@ class _Rank:
 
     def build(self, factory: EngineFactory) -> None:
         self.engine = factory(self.rank, self.world_size)
+        self._records: list[Any] = []
+        if self.rank == 0:  # rank 0's step records travel back with its outputs (observers run in the caller)
+            self.engine.add_observer(self._records.append)
+
+    def info(self) -> dict:
+        e = self.engine
+        return {"max_batch_size": e.max_batch_size, "max_model_len": e.max_model_len, "vocab_size": e.vocab_size,
+                "gamma": e.gamma, "has_drafter": e.drafter is not None}
+
+    def measure_sps(self, kwargs: dict) -> Any:
+        """Every rank times the same forwards in lockstep (they all-reduce); rank 0's profile counts."""
+        from dspark.verifier_service.profiling import measure_sps
+
+        profile = measure_sps(self.engine, **kwargs)
+        return profile if self.rank == 0 else None
+
+    def set_policy(self, policy_config: dict, sps: Any) -> None:
+        """The same policy and profile on every rank: the ranks must take the same decisions."""
+        from dspark.scheduler.registry import build_policy_from_config, parse_policy_config
+
+        self.engine.sps_profile = sps
+        self.engine.policy = build_policy_from_config(parse_policy_config(policy_config), sps=sps)
+
+    def counters(self) -> dict:
+        e = self.engine
+        return {"timings": e.timings, "total_fallback_steps": e.total_fallback_steps,
+                "skipped_draft_steps": e.skipped_draft_steps, "context_failures": e.context_failures,
+                "waiting": len(e.waiting),
+                "drafter": {k: getattr(e.drafter, k) for k in _DRAFTER_COUNTERS if hasattr(e.drafter, k)}}
 
     def state(self) -> tuple[bool, int]:
         return self.engine.has_unfinished(), self.engine.num_running
@@ -133,16 +173,30 @@ class _Rank:
     def set_verify_budget(self, n: int | None) -> None:
         self.engine.verify_budget = n
 
-    def step(self) -> tuple[list[RequestOutput] | None, str, tuple[bool, int]]:
-        """(outputs on rank 0 only, digest of the outputs, state)."""
+    def step(self) -> tuple[list[RequestOutput] | None, str, tuple[bool, int], tuple[list, dict] | None]:
+        """(outputs on rank 0 only, digest of the outputs, state, rank 0's step records and counters)."""
         outputs = self.engine.step()
-        return (outputs if self.rank == 0 else None), outputs_digest(outputs), self.state()
+        extra = None
+        if self.rank == 0:
+            extra, self._records[:] = (list(self._records), self.counters()), []
+        return (outputs if self.rank == 0 else None), outputs_digest(outputs), self.state(), extra
 
     def close(self) -> None:
         import torch.distributed as dist
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+_DRAFTER_COUNTERS = ("calls", "failures", "sessions_lost", "sent_bytes", "received_bytes", "last_worker")
+
+
+class _RankDrafter:
+    """Stands for the drafter that lives in the ranks (``engine.drafter is not None`` checks), with
+    rank 0's drafter counters as of the last step (a remote drafter's calls, bytes ...)."""
+
+    def __init__(self, counters: dict):
+        self.__dict__.update(counters)
 
 
 class TPGroup:
@@ -180,6 +234,9 @@ class TPGroup:
         self._state: tuple[bool, int] = (False, 0)
         self._actors: list[Any] = []
         self._budget: int | None = None
+        self.observers: list[Callable[[Any], None]] = []
+        self.sps_profile: Any = None
+        self.start_timeout_s = start_timeout_s
         bundle = {"CPU": num_cpus, **({"GPU": num_gpus} if num_gpus else {})}
         self._pg = placement_group([dict(bundle) for _ in range(world_size)], strategy=strategy)
         try:
@@ -198,6 +255,8 @@ class TPGroup:
             self.backend = self._call_all("init_distributed", addr, port, backend, step_timeout_s, timeout=start_timeout_s)[0]
             self._call_all("build", engine_factory, timeout=start_timeout_s)
             self._state = self._call_all("state", timeout=start_timeout_s)[0]
+            self._info = self._call_all("info", timeout=start_timeout_s)[0]
+            self._counters = self._call_all("counters", timeout=start_timeout_s)[0]
         except BaseException:
             self.shutdown()
             raise
@@ -273,12 +332,48 @@ class TPGroup:
 
     def step(self) -> list[RequestOutput]:
         answers = self._call_all("step")
-        self._agree([(digest, state) for _, digest, state in answers], "step")
-        outputs, _, self._state = answers[0]
+        self._agree([(digest, state) for _, digest, state, _ in answers], "step")
+        outputs, _, self._state, (records, counters) = answers[0]
+        self._counters = counters
+        for record in records:
+            for fn in self.observers:
+                try:
+                    fn(record)
+                except Exception:
+                    log.exception("step observer failed")
         return outputs
 
     def has_unfinished(self) -> bool:
         return self._state[0]
+
+    # what a serving loop, the scheduler client and the metrics read of an engine (rank 0's values)
+    def add_observer(self, fn: Callable[[Any], None]) -> None:
+        """``fn(StepRecord)`` after every step, with rank 0's records, in this process."""
+        self.observers.append(fn)
+
+    def measure_sps(self, **kwargs: Any) -> Any:
+        """``profiling.measure_sps`` on the group (every rank in lockstep) -> rank 0's profile."""
+        return self._call_all("measure_sps", kwargs, timeout=self.start_timeout_s)[0]
+
+    def set_policy(self, policy_config: dict, sps: Any = None) -> None:
+        self._call_all("set_policy", policy_config, sps)
+        self.sps_profile = sps
+
+    @property
+    def broken(self) -> str | None:
+        """Why the group cannot be used any more, or None."""
+        return self._broken
+
+    max_batch_size = property(lambda self: self._info["max_batch_size"])
+    max_model_len = property(lambda self: self._info["max_model_len"])
+    vocab_size = property(lambda self: self._info["vocab_size"])
+    gamma = property(lambda self: self._info["gamma"])
+    drafter = property(lambda self: _RankDrafter(self._counters["drafter"]) if self._info["has_drafter"] else None)
+    timings = property(lambda self: self._counters["timings"])
+    total_fallback_steps = property(lambda self: self._counters["total_fallback_steps"])
+    skipped_draft_steps = property(lambda self: self._counters["skipped_draft_steps"])
+    context_failures = property(lambda self: self._counters["context_failures"])
+    waiting = property(lambda self: range(self._counters["waiting"]))  # only its length is meaningful
 
     @property
     def num_running(self) -> int:

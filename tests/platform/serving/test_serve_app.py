@@ -20,7 +20,7 @@ MAX_LEN = 160
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_demo_target, tmp_path_factory):
+def setup(demo_cache, tmp_path_factory):
     import ray
     from ray import serve
 
@@ -30,7 +30,11 @@ def setup(tiny_demo_target, tmp_path_factory):
     from dspark.platform.serving.app import app_builder
     from dspark.platform.target.loading import load_target
 
-    path = str(tiny_demo_target.path)
+    from _helpers import tiny_demo_config
+    from dspark.platform.demo.build import build_demo_target
+
+    # two key/value heads, so the tensor-parallel app can split attention over 2 ranks
+    path = str(build_demo_target(tiny_demo_config(num_kv_heads=2), demo_cache, progress=False, log=lambda m: None).path)
     target = load_target(TargetConfig(path=path), path)
     torch.manual_seed(0)
     drafter = build_drafter(DrafterConfig(kind="dspark", block_size=4, num_layers=1), target)
@@ -43,7 +47,10 @@ def setup(tiny_demo_target, tmp_path_factory):
             "verifier": small, "draft_worker": small, "draft_timeout_s": 5.0}
     serve.run(app_builder({**base, "topology": "disaggregated"}), name="disagg", route_prefix="/d", blocking=False)
     serve.run(app_builder({**base, "topology": "colocated"}), name="colo", route_prefix="/c", blocking=False)
-    for prefix in ("/d", "/c"):
+    # a tensor-parallel verifier (2 rank actors over gloo) with disaggregated drafting
+    serve.run(app_builder({**base, "topology": "disaggregated", "tensor_parallel_size": 2}), name="tp",
+              route_prefix="/t", blocking=False)
+    for prefix in ("/d", "/c", "/t"):
         _wait(f"http://127.0.0.1:{PORT}{prefix}/health")
     yield {"target": target, "tokenizer": target.tokenizer}
     serve.shutdown()
@@ -126,6 +133,20 @@ def test_sixteen_concurrent_streams_and_both_topologies_agree(setup):
 
     assert asyncio.run(all_("/d")) == wants
     assert asyncio.run(all_("/c")) == wants
+    assert asyncio.run(all_("/t")) == wants  # TP=2 gives TP=1's tokens
+
+
+def test_tensor_parallel_replica_samples_like_tp1_and_drafts_remotely(setup):
+    """Seeded sampling through the TP=2 app equals the TP=1 app (same draft worker recipe, same
+    random streams), and its rank 0 drafted through the draft-worker deployment."""
+    def sample(prefix):
+        c = client(prefix)
+        return [c.completions.create(model="tiny", prompt=p, max_tokens=16, temperature=0.9, seed=7 + i,
+                                     extra_body={"ignore_eos": True}).choices[0].text for i, p in enumerate(PROMPTS[:4])]
+
+    assert sample("/t") == sample("/d")
+    stats = requests.get(f"http://127.0.0.1:{PORT}/t/dspark/stats", timeout=30).json()
+    assert stats["draft_calls"] > 0 and stats["steps"] > 0 and stats["topology"] == "disaggregated"
 
 
 def test_killing_the_draft_worker_mid_stream_loses_no_request(setup):

@@ -148,3 +148,65 @@ def test_consistency_check():
     check_agreement([outputs_digest(a)] * 3, "step")
     with pytest.raises(TPDivergenceError, match=r"ranks \[1\] disagree with rank 0"):
         check_agreement([outputs_digest(a), outputs_digest(b)], "step")
+
+
+class _WorkerActor:
+    """A draft worker (``DraftWorkerCore``) as a plain Ray actor, standing in for the Serve
+    deployment: the transport below is what rank 0 calls."""
+
+    def __init__(self, ckpt: str):
+        from dspark.drafter_service.worker import DraftWorkerCore
+
+        target = load_target(TargetConfig(path=ckpt), with_tokenizer=False)
+        self.core = DraftWorkerCore(lambda: drafter(target), max_sessions=4)
+
+    def call(self, call):
+        return self.core.call(call)
+
+    def sessions(self) -> list[str]:
+        return list(self.core._sessions)
+
+
+class _ActorTransport:
+    def __init__(self, actor):
+        self.actor = actor
+
+    def __call__(self, call):
+        import ray
+
+        return ray.get(self.actor.call.remote(call), timeout=60)
+
+
+@pytest.mark.ray
+def test_tp2_with_remote_drafter_matches_tp1_and_drafts_once_per_step(ray_session, tiny_checkpoints):
+    """Disaggregated drafting under TP: only rank 0 calls the draft worker; the other rank mirrors
+    its outcomes (``BroadcastDrafter``), so the group emits what one engine with the same remote
+    drafter emits, sampled rows included (their random streams stay in step)."""
+    ray = ray_session
+    from dspark.drafter_service.remote import RemoteDrafter, RemoteDrafterSpec
+    from dspark.drafter_service.worker import DraftWorkerCore
+
+    ckpt = str(tiny_checkpoints["qwen3"])
+    target = load_target(TargetConfig(path=ckpt), with_tokenizer=False)
+    gamma = drafter(target).block_size
+    core = DraftWorkerCore(lambda: drafter(target), max_sessions=4)
+    local = RemoteDrafter(core.call, gamma, target.vocab_size, session="tp1")
+    expected = drive(VerifierEngine(target, local, FixedPolicy(), **ENGINE_KW))
+
+    worker = ray.remote(_WorkerActor).options(num_cpus=0).remote(ckpt)
+    spec = RemoteDrafterSpec(_ActorTransport(worker), gamma, target.vocab_size, session="tp2")
+    kw = dict(ENGINE_KW, policy=FixedPolicy())
+    group = TPGroup(ShardedEngineFactory(TargetConfig(path=ckpt), kw, None, with_tokenizer=False, remote_drafter=spec),
+                    2, num_cpus=0.5, step_timeout_s=60)
+    try:
+        assert group.drafter is not None and group.gamma == gamma
+        records = []
+        group.add_observer(records.append)
+        got = drive(group)
+        assert got == expected
+        assert sum(o.stats.drafted for step in got for o in step if o.finished) > 0
+        assert records and group.timings.steps == len(records)  # rank 0's step records reach the caller
+        # one session on the worker: rank 1 never called it
+        assert ray.get(worker.sessions.remote()) == ["tp2"]
+    finally:
+        group.shutdown()

@@ -1,0 +1,1 @@
+"""Observability: metrics (Ray metrics API -> Prometheus), their recorders, Grafana dashboards."""
