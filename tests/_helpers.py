@@ -109,3 +109,21 @@ def randomize(drafter: torch.nn.Module, seed: int = 0, std: float = 0.15) -> Non
                 p.copy_(1.0 + 0.1 * noise)
             else:
                 p.copy_(std * noise)
+
+
+# -- served apps ------------------------------------------------------------------------------
+def wait_http(url: str, timeout: float = 120.0) -> None:
+    """Wait until ``url`` answers 200 (a Serve app's /health), or raise ``TimeoutError``."""
+    import time
+
+    import requests
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f} s")

@@ -200,6 +200,7 @@ class VerifierEngine:
         self.total_fallback_steps = 0
         self._drafter_failing = False
         self.skipped_draft_steps = 0  # steps the policy decided not to draft (the pass would not pay)
+        self.draft_steps = 0  # steps that ran a draft pass (propose called)
         self.context_failures = 0  # append_context failures (those requests stopped drafting)
         self.timings = EngineTimings()
         # step observers (evaluation, traces, the scheduler client); one failing never fails a step
@@ -377,6 +378,7 @@ class VerifierEngine:
                     rows = [i for i in rows if self.running[i].drafting]
                     drafted = bool(rows)
                 if drafted:
+                    self.draft_steps += 1
                     block = self.drafter.propose(torch.tensor(rows), anchors[rows], positions[rows], sampling.select(rows))
                     if len(rows) < R:  # scatter to all R rows; the others verify nothing
                         block = _scatter_block(block, rows, R)

@@ -60,6 +60,7 @@ class ServeBenchRow:
     received_bytes: float | None  # per draft call, draft worker -> verifier
     fallback_steps: int | None  # steps that decoded plainly because the drafter failed
     mismatches: int | None  # greedy outputs that differ from the plain endpoint's (None: no plain run)
+    first_error: str | None = None  # the first failed request's error, if any
 
 
 def _get_json(url: str, api_key: str, timeout: float = 30.0) -> dict | None:
@@ -81,7 +82,12 @@ def _step_figures(before: dict | None, after: dict | None) -> dict[str, Any]:
     if steps <= 0:
         return none
     plain = after.get("topology") == "plain"
-    drafting = 0 if plain else steps - d.get("skipped_draft_steps", 0) - d.get("fallback_steps", 0)
+    if plain:
+        drafting = 0
+    elif "draft_steps" in d:  # steps that ran a draft pass (a failed pass included: its time was spent)
+        drafting = d["draft_steps"]
+    else:  # an older server: every step the policy did not skip
+        drafting = steps - d.get("skipped_draft_steps", 0) - d.get("fallback_steps", 0)
     calls = d.get("draft_calls", 0)
     return dict(
         step_ms=1e3 * (d.get("draft_s", 0.0) + d.get("verify_s", 0.0)) / steps,
@@ -118,13 +124,15 @@ def run_serve_bench(endpoints: Sequence[Endpoint], *, concurrency: Sequence[int]
                                                  progress=lambda _r: bar.update(1))
                 after = _get_json(e.stats_url, e.api_key)
                 texts[e.label] = [r.text if r.error is None else None for r in records]
+                errors = [r.error for r in records if r.error is not None]
                 rows.append(ServeBenchRow(e.label, c, summarize(records, seconds), **_step_figures(before, after),
-                                          mismatches=None))
+                                          mismatches=None, first_error=errors[0] if errors else None))
             if plain is not None:  # greedy: every speculative output must be the plain output
                 ref = texts["plain"]
                 for i, row in enumerate(rows):
                     if row.concurrency == c and row.label != "plain":
-                        bad = sum(1 for a, b in zip(texts[row.label], ref) if a is None or b is None or a != b)
+                        # pairs where both succeeded (failures are counted in their own column)
+                        bad = sum(1 for a, b in zip(texts[row.label], ref) if a is not None and b is not None and a != b)
                         rows[i] = _replace(row, mismatches=bad)
     return rows
 
@@ -151,6 +159,7 @@ def launch_local(args: dict, *, variants: Sequence[str] = VARIANTS, port: int = 
     base = prepare_args(ServeConfig.model_validate(args).model_dump(mode="json"), log=log)
     if base.get("drafter_path") is None:
         variants = [v for v in variants if v == "plain"]
+    _check_port_free(port)
     started_ray = not ray.is_initialized()
     if started_ray:
         # logical CPUs: enough for every variant's reservations (the apps take turns under load)
@@ -181,6 +190,15 @@ def launch_local(args: dict, *, variants: Sequence[str] = VARIANTS, port: int = 
             serve.shutdown()
         if started_ray:
             ray.shutdown()
+
+
+def _check_port_free(port: int) -> None:
+    """Refuse a port another server listens on: its answers would be taken for ours."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        if s.connect_ex(("127.0.0.1", port)) == 0:
+            raise RuntimeError(f"port {port} on 127.0.0.1 is already in use; pick another with --port")
 
 
 def _wait_ready(e: Endpoint, timeout_s: float = 600.0) -> None:
@@ -221,6 +239,8 @@ def render_markdown(rows: Sequence[ServeBenchRow], *, max_tokens: int) -> str:
            "draft ms per drafting step (one RPC when disaggregated); bytes per draft call; mismatches = greedy outputs "
            "that differ from the plain endpoint's.", "", markdown_table(heads, table), ""]
     out += _ratios(rows)
+    out += [f"- {r.label} at C={r.concurrency}: {r.load.failed} failed, first error: {r.first_error}"
+            for r in rows if r.first_error]
     return "\n".join(out)
 
 
@@ -233,7 +253,10 @@ def _ratios(rows: Sequence[ServeBenchRow]) -> list[str]:
         for r in (dis, col):
             if r is not None and plain is not None and plain.load.aggregate_tps > 0:
                 parts.append(f"{r.label} {r.load.aggregate_tps / plain.load.aggregate_tps:.2f}× plain")
-        if dis and col and dis.step_ms and col.step_ms:
+        if dis and col and dis.draft_ms and col.draft_ms:
+            parts.append(f"a drafting step's draft pass {dis.draft_ms - col.draft_ms:+.1f} ms disaggregated vs colocated")
+        if dis and col and dis.step_ms and col.step_ms and dis.drafted is not None and col.drafted is not None \
+                and abs(dis.drafted - col.drafted) <= 0.1:  # steps compare only when both drafted alike
             parts.append(f"disaggregated step {dis.step_ms / col.step_ms - 1:+.0%} vs colocated")
         if parts:
             out.append(f"- C={c}: " + ", ".join(parts))

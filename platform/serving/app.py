@@ -111,6 +111,7 @@ class VerifierReplica:
                "prefill_s": e.timings.prefill_s, "tokens": e.timings.tokens,
                "topology": self.cfg.topology if d is not None else "plain",
                "fallback_steps": e.total_fallback_steps, "skipped_draft_steps": e.skipped_draft_steps,
+               "draft_steps": e.draft_steps,
                "context_failures": e.context_failures, "running": e.num_running, "session": self.session}
         for k in ("calls", "failures", "sessions_lost", "sent_bytes", "received_bytes", "last_worker"):
             if hasattr(d, k):

@@ -25,7 +25,8 @@ from dspark.platform.training.train_config import TrainConfig
 __all__ = ["TrainResult", "run_dir_of", "prepare_inputs", "run_training", "train_loop_per_worker"]
 
 #: fault injection for tests (read on the driver): "STEP:MARKER_FILE" makes rank 0 raise after
-#: optimizer step STEP, once (the marker file records that it happened)
+#: optimizer step STEP, once (the marker file records that it happened); "STEP:MARKER_FILE:kill"
+#: kills rank 0's process there instead (SIGKILL: no exception, no cleanup)
 FAIL_ENV = "DSPARK_TRAIN_FAIL_AFTER_STEP"
 
 
@@ -97,8 +98,14 @@ def train_loop_per_worker(config: dict) -> None:
     def step_hook(step: int) -> None:
         if fail and rank == 0:
             at, marker = fail.split(":", 1)
+            kill = marker.endswith(":kill")  # the process dies at once (SIGKILL) instead of raising
+            marker = marker.removesuffix(":kill")
             if step == int(at) and not Path(marker).exists():
                 Path(marker).write_text("failed once")
+                if kill:
+                    import signal
+
+                    os.kill(os.getpid(), signal.SIGKILL)
                 raise RuntimeError(f"injected failure after step {step}")
 
     ckpt = ray.train.get_checkpoint()

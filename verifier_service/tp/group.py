@@ -151,6 +151,7 @@ class _Rank:
         e = self.engine
         return {"timings": e.timings, "total_fallback_steps": e.total_fallback_steps,
                 "skipped_draft_steps": e.skipped_draft_steps, "context_failures": e.context_failures,
+                "draft_steps": e.draft_steps,
                 "waiting": len(e.waiting),
                 "drafter": {k: getattr(e.drafter, k) for k in _DRAFTER_COUNTERS if hasattr(e.drafter, k)}}
 
@@ -372,6 +373,7 @@ class TPGroup:
     timings = property(lambda self: self._counters["timings"])
     total_fallback_steps = property(lambda self: self._counters["total_fallback_steps"])
     skipped_draft_steps = property(lambda self: self._counters["skipped_draft_steps"])
+    draft_steps = property(lambda self: self._counters["draft_steps"])
     context_failures = property(lambda self: self._counters["context_failures"])
     waiting = property(lambda self: range(self._counters["waiting"]))  # only its length is meaningful
 

@@ -24,6 +24,7 @@ import requests
 import torch
 import yaml
 
+from _helpers import wait_http
 from dspark.platform.observability import dashboards as D
 from dspark.platform.observability import metrics as M
 
@@ -85,15 +86,7 @@ def start_app(tiny_demo_target, tmp_path: Path, metrics_port: int, http_port: in
             "use_scheduler": False, "engine": {"max_batch_size": 4, "max_model_len": 128},
             "policy": {"name": "fixed"}, "verifier": {"num_cpus": 0.3}}
     serve.run(app_builder(args), name=APP, route_prefix="/o", blocking=False)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if requests.get(f"http://127.0.0.1:{http_port}/o/health", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError("the Serve app did not come up")
+    wait_http(f"http://127.0.0.1:{http_port}/o/health")
 
 
 def send_requests(base: str) -> dict:

@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from _helpers import wait_http
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 PORT = 8435
@@ -27,7 +29,6 @@ def _running(app: str, deployment: str) -> int:
 def test_verifier_replicas_scale_up_under_load(tiny_demo_target):
     import openai
     import ray
-    import requests
     from ray import serve
 
     from dspark.platform.contracts import GenerationRequest, SamplingParams
@@ -55,14 +56,7 @@ def test_verifier_replicas_scale_up_under_load(tiny_demo_target):
                                              "upscale_delay_s": 0, "downscale_delay_s": 600}},
                 "ingress_deployment": {"num_cpus": 0.1}}
         serve.run(app_builder(args), name="auto", route_prefix="/a", blocking=False)
-        t0 = time.time()
-        while time.time() - t0 < 120:
-            try:
-                if requests.get(f"http://127.0.0.1:{PORT}/a/health", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
+        wait_http(f"http://127.0.0.1:{PORT}/a/health")
         assert _running("auto", "VerifierReplica") == 1
         peak = 0
 

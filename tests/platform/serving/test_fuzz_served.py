@@ -14,6 +14,8 @@ import threading
 import time
 
 import pytest
+
+from _helpers import wait_http
 import requests
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
@@ -58,25 +60,13 @@ def server(tiny_demo_target, tmp_path_factory):
             "policy": {"name": "fixed"}, "verifier": {"num_cpus": 0.5},
             "ingress": {"api_key_env": KEY_ENV, "max_body_bytes": MAX_BODY, "max_tokens_default": 4}}
     serve.run(app_builder(args), name="fuzz", route_prefix="/f", blocking=False)
-    _wait(f"http://127.0.0.1:{PORT}/f/health")
+    wait_http(f"http://127.0.0.1:{PORT}/f/health")
     try:
         yield {"target": target, "tokenizer": target.tokenizer, "key": key, "logs": logs}
     finally:
         serve.shutdown()
         ray.shutdown()
         os.environ.pop(KEY_ENV, None)
-
-
-def _wait(url, timeout=120):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(url)
 
 
 def reference(server, ids: list[int], n: int) -> str:

@@ -30,7 +30,7 @@ def setup(demo_cache, tmp_path_factory):
     from dspark.platform.serving.app import app_builder
     from dspark.platform.target.loading import load_target
 
-    from _helpers import tiny_demo_config
+    from _helpers import tiny_demo_config, wait_http
     from dspark.platform.demo.build import build_demo_target
 
     # two key/value heads, so the tensor-parallel app can split attention over 2 ranks
@@ -51,22 +51,10 @@ def setup(demo_cache, tmp_path_factory):
     serve.run(app_builder({**base, "topology": "disaggregated", "tensor_parallel_size": 2}), name="tp",
               route_prefix="/t", blocking=False)
     for prefix in ("/d", "/c", "/t"):
-        _wait(f"http://127.0.0.1:{PORT}{prefix}/health")
+        wait_http(f"http://127.0.0.1:{PORT}{prefix}/health")
     yield {"target": target, "tokenizer": target.tokenizer}
     serve.shutdown()
     ray.shutdown()
-
-
-def _wait(url, timeout=120):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(url)
 
 
 def client(prefix="/d", async_=False):

@@ -130,7 +130,9 @@ def test_kill_and_resume_matches_an_uninterrupted_run(dense_run, tiny_demo_targe
     ref_cfg, ref = dense_run
     cfg = train_cfg(tiny_demo_target, dense_data, tmp_path, "dense")  # same run, another directory
     marker = tmp_path / "failed-once"
-    monkeypatch.setenv(FAIL_ENV, f"3:{marker}")  # rank 0 dies after step 3; the newest checkpoint is step 2
+    # rank 0's process is killed (SIGKILL) after step 3 of the 4-step epoch (16 records, 4 per step):
+    # mid-epoch; the newest checkpoint is step 2, also mid-epoch
+    monkeypatch.setenv(FAIL_ENV, f"3:{marker}:kill")
     res = run_training(cfg, max_failures=1, log=lambda m: None)
     assert marker.exists(), "the failure was not injected"
     assert res.steps == 4
