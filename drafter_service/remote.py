@@ -161,11 +161,14 @@ class RemoteDrafter:
         stale = [s for s in rows if s in self._stale]
         if stale:
             raise DraftSessionLost(f"the draft worker lost the context of slots {stale}")
-        want = tuple(float(t) > 0 for t in sampling.temperature.tolist())
+        # keyed rows are verified by matching: only unkeyed sampled rows need their draft logits back
+        want = tuple(float(t) > 0 and not k for t, k in zip(sampling.temperature.tolist(), sampling.keyed))
         prop = DraftProposal(tuple(rows), tuple(int(a) for a in anchors), tuple(int(p) for p in positions),
                              tuple(float(t) for t in sampling.temperature.tolist()),
                              tuple(int(k) for k in sampling.top_k.tolist()),
-                             tuple(float(p) for p in sampling.top_p.tolist()), tuple(seeds), want)
+                             tuple(float(p) for p in sampling.top_p.tolist()), tuple(seeds), want,
+                             tuple(k if keyed else None for k, keyed in zip(sampling.keys, sampling.keyed)),
+                             tuple(sampling.offsets))
         reply = self._send(prop)
         R = len(rows)
         logits = torch.zeros((R, self.block_size, self.vocab_size if any(want) else 0), dtype=torch.float32)

@@ -112,7 +112,7 @@ def _apply(drafter: Any, op: DraftOp) -> None:
 def _propose(drafter: Any, p: DraftProposal, epoch: int, name: str) -> DraftReply:
     gens = [torch.Generator().manual_seed(int(sd)) if sd is not None else None for sd in p.seeds]
     sampling = SamplingBatch(torch.tensor(p.temperature, dtype=torch.float32), torch.tensor(p.top_k, dtype=torch.int64),
-                             torch.tensor(p.top_p, dtype=torch.float32), gens)
+                             torch.tensor(p.top_p, dtype=torch.float32), gens, list(p.keys), list(p.offsets))
     block = drafter.propose(torch.tensor(p.slots), torch.tensor(p.anchors), torch.tensor(p.positions), sampling)
     want = [i for i, w in enumerate(p.want_logits) if w]
     logits = block.logits[want].float().cpu() if want else None  # [R_s, γ, V]

@@ -451,6 +451,63 @@ def bench_policies(config_path, overrides, drafter_path, kind, concurrency, max_
     click.echo(f"wrote {output}, {plot_path} and {sps_path}", err=True)
 
 
+@bench.command("sampling")
+@_config_options
+@click.option("--drafter-path", type=click.Path(file_okay=False), required=True,
+              help="Drafter checkpoint directory (a training run's, e.g. artifacts/runs/dspark-demo/drafter).")
+@click.option("--temperatures", default="0.6,1.0", show_default=True, help="Comma-separated sampling temperatures.")
+@click.option("--requests", "n_requests", type=click.IntRange(1), default=16, show_default=True, help="Prompts per run.")
+@click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True, help="The engine's max_batch_size.")
+@click.option("--max-tokens", type=click.IntRange(1), default=64, show_default=True, help="New tokens per request.")
+@click.option("--prompt-tokens", type=click.IntRange(1), default=64, show_default=True, help="Prompt length.")
+@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True,
+              help="Timed rounds of each mode per temperature (median).")
+@click.option("--output", default="BENCHMARKS.md", show_default=True, type=click.Path(dir_okay=False))
+@click.option("--no-write", is_flag=True, help="Print only; leave BENCHMARKS.md alone.")
+@_user_errors
+def bench_sampling(config_path, overrides, drafter_path, temperatures, n_requests, batch_size, max_tokens,
+                   prompt_tokens, repeats, output, no_write) -> None:
+    """Seeded (reproducible, matched) vs unseeded (rejection) sampling: τ, acceptance and noise cost."""
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from dspark.drafter_service.checkpoint import load_drafter
+    from dspark.platform.bench.engine import benchmark_prompts
+    from dspark.platform.bench.report import write_section
+    from dspark.platform.bench.sampling import noise_cost_line, render_markdown, run_sampling_bench, section_body
+    from dspark.platform.demo.build import resolve_target_path
+    from dspark.platform.target.loading import load_target
+
+    try:
+        temps = [float(t) for t in temperatures.split(",") if t.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {temperatures!r}",
+                                 param_hint="--temperatures") from None
+    if not temps or not all(0 < t < float("inf") for t in temps):
+        raise click.BadParameter("expected one or more finite temperatures > 0", param_hint="--temperatures")
+    cfg = load_config(DemoConfig, config_path, overrides)
+    path = resolve_target_path(cfg.target.path, cfg.demo_target, log=lambda m: click.echo(m, err=True))
+    tgt = load_target(cfg.target, path)
+    drafter = load_drafter(drafter_path, tgt)
+    d = Path(drafter_path)
+    name = d.parent.name if d.name == "drafter" else d.name
+    prompts = benchmark_prompts(tgt.tokenizer, n_requests, prompt_tokens)
+    with tqdm(total=len(temps), desc="temperatures", unit="T") as bar:
+        rows = run_sampling_bench(tgt, drafter, prompts, temperatures=temps, max_tokens=max_tokens,
+                                  batch_size=batch_size, repeats=repeats, progress=bar.update)
+    gamma = int(drafter.block_size)
+    table, cost = render_markdown(rows), noise_cost_line(batch_size * (gamma + 1), tgt.vocab_size)
+    click.echo(f"{table}\n\n{cost}")
+    if no_write:
+        return
+    body = section_body(f"{name}, γ = {gamma}, on {path.name}", n_requests, prompt_tokens, max_tokens, batch_size,
+                        repeats, f"{table}\n\n{cost}")
+    write_section(output, "sampling", "Seeded vs unseeded sampling: the cost of reproducibility", body,
+                  command=_invocation(click.get_current_context()))
+    click.echo(f"wrote {output}", err=True)
+
+
 @bench.command("train")
 @click.argument("config_path", metavar="CONFIG.yaml", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Dotted override (repeatable).")

@@ -205,6 +205,12 @@ class EngineConfig(StrictModel):
     )
     prefill_chunk: int = Field(256, ge=1, le=65536, description="Prompt tokens per prefill forward.")
     seed: int = Field(0, ge=0, description="Seeds requests that bring no seed of their own.")
+    reproducible_seeds: bool = Field(
+        True, description="Sampled requests with a seed get the target's own samples for that seed (position-keyed "
+        "noise, verified by matching): reproducible under any load, equal to plain decoding with the seed, at a "
+        "somewhat lower acceptance (`dspark bench sampling`). False: chain rejection sampling for every sampled "
+        "request (most acceptance; a seeded request then repeats only while its verify lengths repeat).",
+    )
 
 
 class DemoTrainSettings(StrictModel):

@@ -21,7 +21,7 @@ __all__ = [
     "DraftOp", "DraftProposal", "DraftCall", "DraftReply",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -330,8 +330,12 @@ class DraftOp:
 @dataclass(frozen=True)
 class DraftProposal:
     """Draft a block for each of ``slots`` (anchor token and its position = the slot's context
-    length). Sampling parameters per row; ``seeds`` make sampled drafts reproducible (None =
-    greedy rows or no seed); ``want_logits`` marks the rows whose draft logits must come back."""
+    length). Sampling parameters per row; ``seeds`` make the sampled drafts of unkeyed rows
+    reproducible (None = greedy rows, keyed rows or no seed); ``keys`` / ``offsets`` are the noise
+    keys of keyed rows (seeded sampled requests, None otherwise) and the output index of each row's
+    first draft, so the worker samples with the verifier's E(key, n) (``platform.sampling``);
+    ``want_logits`` marks the rows whose draft logits must come back (unkeyed sampled rows: keyed
+    ones are verified by matching and need none)."""
 
     slots: tuple[int, ...]
     anchors: tuple[int, ...]
@@ -341,10 +345,17 @@ class DraftProposal:
     top_p: tuple[float, ...]
     seeds: tuple[int | None, ...]
     want_logits: tuple[bool, ...]
+    keys: tuple[int | None, ...] = ()  # () = no keyed rows
+    offsets: tuple[int, ...] = ()  # () = all 0
 
     def __post_init__(self) -> None:
         n = len(self.slots)
-        if any(len(getattr(self, f)) != n for f in ("anchors", "positions", "temperature", "top_k", "top_p", "seeds", "want_logits")):
+        if not self.keys:
+            object.__setattr__(self, "keys", (None,) * n)
+        if not self.offsets:
+            object.__setattr__(self, "offsets", (0,) * n)
+        if any(len(getattr(self, f)) != n for f in ("anchors", "positions", "temperature", "top_k", "top_p", "seeds",
+                                                    "want_logits", "keys", "offsets")):
             raise ValueError("every DraftProposal field needs one entry per slot")
 
 

@@ -23,10 +23,28 @@ all R requests are flattened into D rows, ``cu_draft`` ([R+1], cumulative length
 and the target has ℓ_r + 1 rows per request (one per draft position plus the bonus position),
 request r owning target rows ``cu_draft[r] + r .. cu_draft[r+1] + r``.
 
-Randomness is explicit: uniforms and Exp(1) noise are drawn per request from the request's own
-``torch.Generator`` (:func:`draw_uniforms`, :func:`draw_exponentials`), so a seeded request gives
-the same tokens whatever else is in its batch. Sampling uses the exponential race
-``argmax(p / E)``, an exact draw from p with no host synchronisation.
+Randomness is explicit. Sampling uses the exponential race ``argmax(p / E)`` with E ~ Exp(1) per
+vocabulary entry, an exact draw from p with no host synchronisation. Where E comes from decides
+what a request's tokens depend on:
+
+- *Keyed* rows (sampled requests that carry a seed, ``SamplingBatch.keys``): the noise of the
+  request's n-th output token is ``E(key, n)`` (:func:`keyed_exponentials`), a pure function of
+  the key and n, computed the same way on every device by a counter-based generator. The target's
+  token at n is ``argmax(p_t / E(key, n))``, and verification reduces to matching: a draft for
+  position n is accepted iff it equals that token (the target's rows become one-hot, exactly like
+  greedy rows). A keyed request's output is therefore the target's own sampled output with that
+  key, whatever the drafter, the verify lengths, the batch or the load: seeded requests are
+  reproducible and token-identical to plain decoding with the same seed. The drafter samples
+  with the same ``E(key, n)``, so a draft that agrees with the target in distribution also
+  agrees token for token most of the time (the Gumbel coupling: acceptance >= (1 − δ)/(1 + δ)
+  for total-variation distance δ, against 1 − δ for chain rejection sampling; "drafter-invariant
+  speculative decoding", Daliri et al. 2024, arXiv 2408.07978; no scheme whose output ignores
+  the drafter can do better in the worst case). No draft probabilities are needed to verify
+  keyed rows. ``EngineConfig.reproducible_seeds: false`` turns keyed rows off.
+- Other sampled rows (no seed): uniforms and Exp(1) noise are drawn from the request's own
+  ``torch.Generator`` (:func:`draw_uniforms`, :func:`draw_exponentials`) and verified by chain
+  rejection sampling, which accepts the most drafts but whose tokens depend on the verify lengths
+  the scheduler picked.
 """
 
 from __future__ import annotations
@@ -41,6 +59,7 @@ __all__ = [
     "draw_exponentials",
     "draw_uniforms",
     "greedy_verify",
+    "keyed_exponentials",
     "logits_to_probs",
     "rejection_sample",
     "row_seeds",
@@ -68,12 +87,20 @@ class SamplingBatch:
     top_k: torch.Tensor  # [R] int64; 0 = off
     top_p: torch.Tensor  # [R] float32; 1.0 = off
     generators: list[torch.Generator | None]  # [R]; None = the global RNG
+    # [R] noise key of each request (None = unkeyed: noise from its generator); see the module notes
+    keys: list[int | None] | None = None
+    # [R] output index of the first token this batch samples per row (keyed rows: the n of E(key, n))
+    offsets: list[int] | None = None
 
     def __post_init__(self) -> None:
         r = len(self.generators)
         for name in ("temperature", "top_k", "top_p"):
             t = getattr(self, name)
             _check(t.ndim == 1 and t.shape[0] == r, f"SamplingBatch.{name} must be [R={r}], got {_shape(t)}")
+        self.keys = [None] * r if self.keys is None else [None if k is None else int(k) for k in self.keys]
+        self.offsets = [0] * r if self.offsets is None else [int(o) for o in self.offsets]
+        _check(len(self.keys) == r and len(self.offsets) == r,
+               f"SamplingBatch.keys/offsets must have R={r} entries, got {len(self.keys)}, {len(self.offsets)}")
 
     def __len__(self) -> int:
         return len(self.generators)
@@ -82,9 +109,16 @@ class SamplingBatch:
     def greedy(self) -> torch.Tensor:  # [R] bool
         return self.temperature == 0
 
+    @property
+    def keyed(self) -> list[bool]:  # [R]: sampled rows whose noise is E(key, n)
+        return [k is not None and float(t) > 0 for k, t in zip(self.keys, self.temperature.tolist())]
+
     @staticmethod
     def from_params(
-        params: list[tuple[float, int, float]], generators: list[torch.Generator | None]
+        params: list[tuple[float, int, float]],
+        generators: list[torch.Generator | None],
+        keys: list[int | None] | None = None,
+        offsets: list[int] | None = None,
     ) -> "SamplingBatch":
         """``params[r] = (temperature, top_k, top_p)``."""
         _check(len(params) == len(generators), f"{len(params)} params but {len(generators)} generators")
@@ -93,6 +127,8 @@ class SamplingBatch:
             top_k=torch.tensor([int(p[1]) for p in params], dtype=torch.int64),
             top_p=torch.tensor([float(p[2]) for p in params], dtype=torch.float32),
             generators=list(generators),
+            keys=keys,
+            offsets=offsets,
         )
 
     def select(self, idx: list[int] | torch.Tensor) -> "SamplingBatch":
@@ -104,15 +140,37 @@ class SamplingBatch:
             self.top_k[t.to(self.top_k.device)],
             self.top_p[t.to(self.top_p.device)],
             [self.generators[i] for i in ids],
+            [self.keys[i] for i in ids],
+            [self.offsets[i] for i in ids],
         )
 
     def repeat_interleave(self, counts: torch.Tensor) -> "SamplingBatch":
-        """Row r repeated ``counts[r]`` times (per-request params -> per-token rows)."""
+        """Row r repeated ``counts[r]`` times (per-request params -> per-token rows); the j-th
+        copy samples output index ``offsets[r] + j``."""
         c = torch.as_tensor(counts, dtype=torch.int64).cpu()  # [R]
         _check(c.ndim == 1 and c.shape[0] == len(self), f"counts must be [R={len(self)}], got {_shape(c)}")
         rep = lambda t: t.repeat_interleave(c.to(t.device))  # noqa: E731
-        gens = [g for g, n in zip(self.generators, c.tolist()) for _ in range(n)]
-        return SamplingBatch(rep(self.temperature), rep(self.top_k), rep(self.top_p), gens)
+        n = c.tolist()
+        gens = [g for g, m in zip(self.generators, n) for _ in range(m)]
+        keys = [k for k, m in zip(self.keys, n) for _ in range(m)]
+        offsets = [o + j for o, m in zip(self.offsets, n) for j in range(m)]
+        return SamplingBatch(rep(self.temperature), rep(self.top_k), rep(self.top_p), gens, keys, offsets)
+
+    def exponentials(self, vocab_size: int, device: torch.device | str | None = None, step: int = 0) -> torch.Tensor:
+        """[R, V] Exp(1) noise for the tokens at output index ``offsets[r] + step``: keyed rows get
+        ``E(key, n)``; the others draw from their generators, in row order (as :func:`draw_exponentials`)."""
+        keyed = self.keyed
+        out = draw_exponentials(self.generators, vocab_size, device, skip=keyed)  # [R, V]
+        idx = [i for i, k in enumerate(keyed) if k]
+        if idx:
+            out[idx] = keyed_exponentials([self.keys[i] for i in idx], [self.offsets[i] + step for i in idx],
+                                          vocab_size, device)
+        return out
+
+    def uniforms(self, counts: list[int], device: torch.device | str | None = None) -> torch.Tensor:
+        """[Σ counts] uniforms for the acceptance tests: zeros for keyed rows (their verification is
+        a match and reads none), drawn from the generators for the others (as :func:`draw_uniforms`)."""
+        return draw_uniforms(self.generators, counts, device, skip=self.keyed)
 
 
 def apply_top_k_top_p(
@@ -178,6 +236,7 @@ def draw_uniforms(
     generators: list[torch.Generator | None],  # [R]
     counts: list[int] | torch.Tensor,  # [R]
     device: torch.device | str | None = None,
+    skip: list[bool] | None = None,  # [R]: rows that get zeros and draw nothing
 ) -> torch.Tensor:  # [sum(counts)] float32 in [0, 1)
     """Request r's ``counts[r]`` uniforms come from ``generators[r]`` only, in request order.
 
@@ -186,9 +245,11 @@ def draw_uniforms(
     """
     cs = counts.tolist() if isinstance(counts, torch.Tensor) else list(counts)
     _check(len(cs) == len(generators), f"counts must be [R={len(generators)}], got [{len(cs)}]")
+    skip = skip or [False] * len(cs)
     out = [
+        torch.zeros(c, device=device) if s else
         torch.rand(c, generator=g, device=g.device if g is not None else device).to(device)
-        for g, c in zip(generators, cs)
+        for g, c, s in zip(generators, cs, skip)
     ]
     return torch.cat(out) if out else torch.empty(0, device=device)
 
@@ -197,13 +258,59 @@ def draw_exponentials(
     generators: list[torch.Generator | None],  # [R]
     vocab_size: int,
     device: torch.device | str | None = None,
+    skip: list[bool] | None = None,  # [R]: rows that get ones and draw nothing
 ) -> torch.Tensor:  # [R, V] float32 Exp(1)
     """Row r is drawn from ``generators[r]`` only (same device rules as :func:`draw_uniforms`)."""
+    skip = skip or [False] * len(generators)
     rows = [
+        torch.ones(vocab_size, device=device) if s else
         torch.empty(vocab_size, device=g.device if g is not None else device).exponential_(generator=g).to(device)
-        for g in generators
+        for g, s in zip(generators, skip)
     ]
     return torch.stack(rows) if rows else torch.empty(0, vocab_size, device=device)
+
+
+# splitmix64 (Steele, Lea & Flood 2014) on int64 tensors: wrapping multiplication, logical shifts.
+_GOLDEN = 0x9E3779B97F4A7C15
+_MIX1, _MIX2 = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+
+
+def _i64(c: int) -> int:  # a uint64 constant as the int64 with the same bits
+    c &= (1 << 64) - 1
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _shr(z: torch.Tensor, s: int) -> torch.Tensor:  # logical right shift of int64 bits
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def _fmix64(z: torch.Tensor) -> torch.Tensor:
+    z = (z ^ _shr(z, 30)) * _i64(_MIX1)
+    z = (z ^ _shr(z, 27)) * _i64(_MIX2)
+    return z ^ _shr(z, 31)
+
+
+def keyed_exponentials(
+    keys: list[int] | torch.Tensor,  # [N] noise keys (any int; taken mod 2**64)
+    index: list[int] | torch.Tensor,  # [N] output index n of each row
+    vocab_size: int,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:  # [N, V] float32 Exp(1)
+    """E(key, n): Exp(1) noise that is a pure function of (key, n, v), the same on every device.
+
+    Counter-based: row seed s = fmix(fmix(key + g) + (n + 1)·g), then entry v is the v-th output
+    of a splitmix64 stream seeded with s, u = its top 53 bits / 2**53 and E = −log(1 − u) (in
+    float64, then float32). Rows with different (key, n) are independent streams.
+    """
+    k = torch.as_tensor([_i64(int(x)) for x in keys] if not isinstance(keys, torch.Tensor) else keys,
+                        dtype=torch.int64, device=device)
+    n = torch.as_tensor(index, dtype=torch.int64, device=device)
+    _check(k.ndim == 1 and n.shape == k.shape, f"keys and index must both be [N], got {_shape(k)}, {_shape(n)}")
+    row = _fmix64(_fmix64(k + _i64(_GOLDEN)) + (n + 1) * _i64(_GOLDEN))  # [N]
+    v = torch.arange(1, vocab_size + 1, dtype=torch.int64, device=k.device) * _i64(_GOLDEN)  # [V]
+    bits = _fmix64(row[:, None] + v[None, :])  # [N, V]
+    u = _shr(bits, 11).double() * (1.0 / (1 << 53))  # [N, V] in [0, 1)
+    return (-torch.log1p(-u)).float()
 
 
 def sample_from_probs(
@@ -341,12 +448,13 @@ def rejection_sample(
 
 
 def row_seeds(sampling: SamplingBatch) -> list[int | None]:
-    """A draft seed per row, drawn from the request's own generator (None for greedy rows and
-    requests without one): sampled drafts are reproducible for seeded requests. Every caller that
-    must keep a request's random stream in step with a ``propose`` (the tensor-parallel ranks that
+    """A draft seed per unkeyed sampled row, drawn from the request's own generator (None for
+    greedy rows, keyed rows, whose drafts use E(key, n) instead, and requests without a
+    generator): a remote drafter's sampled drafts are then reproducible. Every caller that must
+    keep a request's random stream in step with a ``propose`` (the tensor-parallel ranks that
     mirror rank 0) draws exactly these."""
     seeds: list[int | None] = []
-    for i, g in enumerate(sampling.generators):
+    for i, (g, keyed) in enumerate(zip(sampling.generators, sampling.keyed)):
         greedy = float(sampling.temperature[i]) == 0.0
-        seeds.append(None if greedy or g is None else int(torch.randint(0, 2**62, (1,), generator=g)))
+        seeds.append(None if greedy or keyed or g is None else int(torch.randint(0, 2**62, (1,), generator=g)))
     return seeds

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from dspark.drafter_service.base import DraftBlock
-from dspark.platform.sampling import SamplingBatch, draw_exponentials, logits_to_probs, sample_from_probs
+from dspark.platform.sampling import SamplingBatch, logits_to_probs, sample_from_probs
 
 
 class MockDrafter(torch.nn.Module):
@@ -81,7 +81,7 @@ class MockDrafter(torch.nn.Module):
                 keep = torch.rand(R, generator=torch.Generator().manual_seed(self.calls * 131 + k)) > self.corrupt
                 lk[torch.arange(R)[keep], oracle_next[keep, k]] += 12.0
             probs = logits_to_probs(lk, sampling.temperature, sampling.top_k, sampling.top_p)
-            x = sample_from_probs(probs, draw_exponentials(sampling.generators, self.vocab_size))
+            x = sample_from_probs(probs, sampling.exponentials(self.vocab_size, step=k))  # the drafter contract's noise
             tokens[:, k], logits[:, k], prev = x, lk, x
         conf = torch.sigmoid(logits.max(-1).values - logits.logsumexp(-1) + 2.0) if self.with_conf else None
         return DraftBlock(tokens, logits, conf)

@@ -37,8 +37,8 @@ from dspark.platform.contracts import GenerationRequest, RequestOutput, RequestS
 from dspark.platform.sampling import (
     SamplingBatch,
     draw_exponentials,
-    draw_uniforms,
     greedy_verify,
+    keyed_exponentials,
     logits_to_probs,
     rejection_sample,
     sample_from_probs,
@@ -70,6 +70,7 @@ class RequestRejected(ValueError):
 class _Running:
     request: GenerationRequest
     generator: torch.Generator
+    key: int | None = None  # noise key of a seeded request (E(key, n) per output index n); None = generator
     anchor: int = -1  # newest emitted token, not yet in the target's KV
     position: int = 0  # the anchor's position = committed KV length
     generated: list[int] = field(default_factory=list)
@@ -163,6 +164,7 @@ class VerifierEngine:
         seed: int = 0,
         observer: Callable[[StepRecord], None] | None = None,
         max_deferred_context: int = 64,
+        reproducible_seeds: bool = True,
     ):
         if max_batch_size < 1 or prefill_chunk < 1:
             raise ValueError("max_batch_size and prefill_chunk must be >= 1")
@@ -194,6 +196,8 @@ class VerifierEngine:
         self.eos_token_ids: frozenset[int] = frozenset([eos] if isinstance(eos, int) else (eos or []))
         self.tokenizer = target.tokenizer
         self.seed = seed
+        # seeded sampled requests use position-keyed noise (True) or their generator (chain rejection)
+        self.reproducible_seeds = reproducible_seeds
         self._seeded = 0
         self.waiting: collections.deque[_Running] = collections.deque()
         self.running: list[_Running] = []  # index in this list == slot
@@ -231,7 +235,11 @@ class VerifierEngine:
             raise RequestRejected(f"request id {request.request_id!r} is already in use")
         seed = p.seed if p.seed is not None else (self.seed * 1_000_003 + self._seeded)
         self._seeded += 1
-        self.waiting.append(_Running(request, torch.Generator(device="cpu").manual_seed(seed)))
+        # a seeded request samples with position-keyed noise (reproducible whatever the verify
+        # lengths) unless reproducible_seeds is off; the others with their generator and chain
+        # rejection sampling (platform.sampling)
+        self.waiting.append(_Running(request, torch.Generator(device="cpu").manual_seed(seed),
+                                     key=p.seed if self.reproducible_seeds else None))
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its slot; returns its last state (None if unknown)."""
@@ -326,9 +334,9 @@ class VerifierEngine:
             if self.drafter is not None:
                 self._append_context(list(range(start, start + rows)), ids, out, take)
         logits = self.target.lm_head(torch.stack(last_hidden)).float()  # [n, V]
-        batch = SamplingBatch.from_params([(r.params.temperature, r.params.top_k, r.params.top_p) for r in rs], [r.generator for r in rs])
+        batch = self._sampling_batch(rs)  # output index 0 of every request
         probs = logits_to_probs(logits, batch.temperature, batch.top_k, batch.top_p)
-        tokens = sample_from_probs(probs, draw_exponentials(batch.generators, self.vocab_size, probs.device)).tolist()
+        tokens = sample_from_probs(probs, batch.exponentials(self.vocab_size, probs.device)).tolist()
         for r, n, t in zip(rs, lens, tokens):
             r.position, r.anchor = n, int(t)
         return [int(t) for t in tokens]
@@ -352,10 +360,12 @@ class VerifierEngine:
             except Exception:
                 log.exception("drafter.reset_slot failed")
 
-    def _sampling_batch(self) -> SamplingBatch:
-        return SamplingBatch.from_params(
-            [(r.params.temperature, r.params.top_k, r.params.top_p) for r in self.running], [r.generator for r in self.running]
-        )
+    def _sampling_batch(self, rs: list[_Running] | None = None) -> SamplingBatch:
+        """Sampling rows of ``rs`` (default: the running batch); each row's offset is the output
+        index of the next token it samples."""
+        rs = self.running if rs is None else rs
+        return SamplingBatch.from_params([(r.params.temperature, r.params.top_k, r.params.top_p) for r in rs],
+                                         [r.generator for r in rs], [r.key for r in rs], [len(r.generated) for r in rs])
 
     def _verify_step(self) -> list[RequestOutput]:
         R = len(self.running)
@@ -452,15 +462,22 @@ class VerifierEngine:
         return outputs
 
     def _accept(self, logits: torch.Tensor, block, lengths: list[int], sampling: SamplingBatch):
-        """Rejection sampling over the ragged batch -> (num_accepted [R], emitted [R, max_ℓ+1]), both on CPU.
+        """Verification over the ragged batch -> (num_accepted [R], emitted [R, max_ℓ+1]), both on CPU.
+
+        Greedy and keyed rows (seeded sampled requests) are verified by matching: the target's
+        token at each row is its argmax, or ``argmax(p_t / E(key, n))`` for keyed rows (see
+        ``platform.sampling``), and a draft is accepted iff it equals that token. Unkeyed sampled
+        rows use chain rejection sampling; in a mixed batch the matched rows enter it as one-hot
+        p_t and p_d, which makes it a match for them.
 
         Verification runs on the logits' device, so on a GPU ``greedy_verify`` / ``rejection_sample``
         take the Triton kernel of ``dspark.kernels.rejection`` when the kernel dispatcher picks it
         (the reference otherwise; on CPU always). Crossing devices: the draft tokens and logits when
-        the drafter left them elsewhere; the uniforms [D] and Exp(1) noise [R, V], always drawn from
-        the requests' CPU generators (so a seeded request's stream is the same on every device and
-        path) and moved to the logits; the two small results, moved back. ``cu`` stays on the CPU:
-        both implementations read the ragged layout on the host anyway.
+        the drafter left them elsewhere; the uniforms [D] and Exp(1) noise [R, V] of unkeyed rows,
+        always drawn from the requests' CPU generators (so a seeded request's stream is the same on
+        every device and path) and moved to the logits; the two small results, moved back. Keyed
+        noise is computed on the logits' device. ``cu`` stays on the CPU: both implementations read
+        the ragged layout on the host anyway.
         """
         dev = logits.device
         R = len(lengths)
@@ -475,16 +492,31 @@ class VerifierEngine:
             draft_tokens = torch.zeros(0, dtype=torch.long, device=dev)  # [0]
         if bool(sampling.greedy.all()):
             return self._to_host(greedy_verify(draft_tokens, rows.argmax(-1), cu))
-        per_row = sampling.repeat_interleave(counts + 1)
+        per_row = sampling.repeat_interleave(counts + 1)  # row j of request r samples output index n_r + j
         target_probs = logits_to_probs(rows, per_row.temperature, per_row.top_k, per_row.top_p)  # [D+R, V] f32
+        keyed = per_row.keyed  # [D+R]
+        if any(keyed):
+            idx = [i for i, k in enumerate(keyed) if k]
+            noise = keyed_exponentials([per_row.keys[i] for i in idx], [per_row.offsets[i] for i in idx],
+                                       rows.shape[-1], dev)  # [K, V] E(key, n)
+            choice = sample_from_probs(target_probs[idx], noise)  # [K] the target's own tokens
+            target_probs[idx] = torch.zeros_like(target_probs[idx]).scatter_(-1, choice[:, None], 1.0)
+        if all(keyed[i] or t == 0 for i, t in enumerate(per_row.temperature.tolist())):
+            return self._to_host(greedy_verify(draft_tokens, target_probs.argmax(-1), cu))  # all matched
+        draft_probs = target_probs.new_zeros((int(cu[-1]), target_probs.shape[-1]))  # [D, V] f32
         if cu[-1] > 0:
-            draft_rows = self._ragged_rows(block.logits, lengths).to(dev)  # [D, V]
             per_draft = sampling.repeat_interleave(counts)
-            draft_probs = logits_to_probs(draft_rows, per_draft.temperature, per_draft.top_k, per_draft.top_p)  # [D, V] f32
-        else:
-            draft_probs = target_probs.new_zeros((0, target_probs.shape[-1]))  # [0, V] f32
-        uniforms = draw_uniforms(sampling.generators, lengths).to(dev)  # [D], drawn on the CPU generators
-        noise = draw_exponentials(sampling.generators, rows.shape[-1]).to(dev)  # [R, V], drawn after the uniforms
+            matched = [k or t == 0 for k, t in zip(per_draft.keyed, per_draft.temperature.tolist())]
+            idx = [i for i, m in enumerate(matched) if not m]
+            if idx:  # unkeyed sampled drafts: p_d from their logits
+                sub = per_draft.select(idx)
+                draft_rows = self._ragged_rows(block.logits, lengths)[idx].to(dev)  # [D_s, V]
+                draft_probs[idx] = logits_to_probs(draft_rows, sub.temperature, sub.top_k, sub.top_p)
+            idx = [i for i, m in enumerate(matched) if m]
+            if idx:  # greedy and keyed drafts: one-hot p_d (a remote worker sends no logits for them)
+                draft_probs[idx] = torch.zeros_like(draft_probs[idx]).scatter_(-1, draft_tokens[idx][:, None], 1.0)
+        uniforms = sampling.uniforms(lengths).to(dev)  # [D], drawn on the CPU generators (zeros for keyed rows)
+        noise = draw_exponentials(sampling.generators, rows.shape[-1], skip=sampling.keyed).to(dev)  # [R, V], after the uniforms
         return self._to_host(rejection_sample(draft_tokens, draft_probs, target_probs, cu, uniforms, noise))
 
     @staticmethod

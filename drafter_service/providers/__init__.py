@@ -16,7 +16,7 @@ import torch
 from dspark.drafter_service.base import Drafter
 from dspark.drafter_service.layers import LayerSpec, frozen_embed_and_head, init_linear, target_identity
 from dspark.platform.config import DrafterConfig
-from dspark.platform.sampling import draw_exponentials, logits_to_probs, sample_from_probs
+from dspark.platform.sampling import logits_to_probs, sample_from_probs
 
 if TYPE_CHECKING:
     from dspark.platform.sampling import SamplingBatch
@@ -31,13 +31,15 @@ class DrafterBuildError(ValueError):
 def sample_step(
     logits: torch.Tensor,  # [R, V] float32: corrected draft logits (before temperature)
     sampling: "SamplingBatch",  # R requests
+    slot: int,  # block slot k (0-based): the token at output index offsets[r] + k
 ) -> torch.Tensor:  # [R] int64
     """Draw one token per request from ``logits_to_probs(logits, request params)``; greedy rows
-    (T = 0) get the argmax. Row r's noise comes from request r's generator only."""
+    (T = 0) get the argmax. Row r's noise is request r's own: E(key, offset + slot) for keyed rows
+    (the noise the verifier uses for that position, so the draft is coupled to the target's
+    token), the next draw of its generator otherwise."""
     assert logits.ndim == 2 and logits.shape[0] == len(sampling), (logits.shape, len(sampling))
     probs = logits_to_probs(logits, sampling.temperature, sampling.top_k, sampling.top_p)
-    noise = draw_exponentials(sampling.generators, logits.shape[-1], device=logits.device)
-    return sample_from_probs(probs, noise)
+    return sample_from_probs(probs, sampling.exponentials(logits.shape[-1], logits.device, step=slot))
 
 
 class TargetBoundDrafter(Drafter):

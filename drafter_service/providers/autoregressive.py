@@ -180,7 +180,7 @@ class AutoregressiveDrafter(TargetBoundDrafter):
             step = self.lm_head(h).float()  # [R, V]
             if self.confidence is not None:
                 conf.append(self.calibrated_confidence(self.confidence(h), j))
-            tok = sample_step(step, sampling)
+            tok = sample_step(step, sampling, j)
             tokens.append(tok)
             logits.append(step)
             feat = o[:, 0]

@@ -162,7 +162,7 @@ class DSparkDrafter(TargetBoundDrafter):
                 emb = self.markov.prev_embedding(prev)
             if self.confidence is not None:
                 conf.append(self.calibrated_confidence(self.confidence(h[:, k], emb), k))
-            prev = sample_step(step, sampling)
+            prev = sample_step(step, sampling, k)
             tokens.append(prev)
             logits.append(step)
         confidences = torch.stack(conf, dim=1) if conf else None

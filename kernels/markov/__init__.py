@@ -86,11 +86,10 @@ def _filters_active(sampling: "SamplingBatch", vocab: int) -> bool:
 
 
 def draw_block_noise(sampling: "SamplingBatch", gamma: int, vocab: int, device: torch.device) -> torch.Tensor:
-    """[R, γ, V] Exp(1): slot k's rows drawn as the model's loop draws them at slot k (request r from
-    its own generator), so every generator advances exactly as in the loop."""
-    from dspark.platform.sampling import draw_exponentials
-
-    return torch.stack([draw_exponentials(sampling.generators, vocab, device=device) for _ in range(gamma)], dim=1)
+    """[R, γ, V] Exp(1): slot k's rows exactly as the model's loop gets them at slot k
+    (``SamplingBatch.exponentials`` with step k: E(key, offset + k) for keyed rows, request r's own
+    generator otherwise), so every generator advances exactly as in the loop."""
+    return torch.stack([sampling.exponentials(vocab, device, step=k) for k in range(gamma)], dim=1)
 
 
 def sample_block_fast(

@@ -1,5 +1,6 @@
 """Nothing lost, nothing changed: many greedy requests through the served application, compared
-with the target's own greedy decoding, and seeded sampled requests sent twice.
+with the target's own greedy decoding, and seeded sampled requests, compared with the target's own
+sampling for the same seed and sent twice.
 
 Contract checked (``dspark reliability lossless``):
 
@@ -7,7 +8,9 @@ Contract checked (``dspark reliability lossless``):
   and its finish reason equal what the *plain* engine (``VerifierEngine`` without a drafter,
   tested equal to transformers' ``generate`` elsewhere) decodes for the same prompt ids, cut by
   the stop rule below;
-* a sampled request with a seed gives the same text twice, whatever else shares its batch.
+* a sampled request with a seed gives the text the plain engine samples with that seed (seeded
+  requests use position-keyed noise, ``platform/sampling.py``: their tokens do not depend on
+  drafting, verify lengths or batch neighbours), and therefore the same text twice.
 
 The stop rule is the engine's (``VerifierEngine._emit``): tokens are appended one at a time and
 the first of these ends the request, *including* the token that triggered it — the server
@@ -34,7 +37,8 @@ from typing import Any, Callable, Sequence
 from dspark.platform.bench.load import LoadRequest, RequestRecord
 
 __all__ = ["Case", "Mismatch", "LosslessResult", "build_cases", "sampled_requests", "prompt_ids",
-           "greedy_reference", "expected_output", "compare", "compare_sampled", "render_markdown"]
+           "greedy_reference", "sampled_reference", "expected_output", "compare", "compare_sampled",
+           "compare_to_reference", "passed", "render_markdown"]
 
 MAX_TOKENS = (1, 4, 16, 32, 64, 128)
 # stop-string sets for Python-like text: frequent ("\n"), rarer ("\n\n", "return"), multi-string
@@ -77,6 +81,7 @@ class LosslessResult:
     sampled_identical: int
     sampled_errors: int
     reference_seconds: float
+    sampled_as_plain: int = 0  # first-run samples equal to the plain engine's for the same seed
     notes: list[str] = field(default_factory=list)
 
 
@@ -201,6 +206,28 @@ def compare(cases: Sequence[Case], records: Sequence[RequestRecord], refs: dict,
     return bad, errors, finishes
 
 
+def sampled_reference(target: Any, reqs: Sequence[LoadRequest], *, max_model_len: int, max_batch_size: int = 32
+                      ) -> list[tuple[str, int, str]]:
+    """(text, token count, finish reason) the plain engine gives each seeded sampled request, with
+    the request's own parameters (the engine's stop rule)."""
+    from dspark.platform.contracts import GenerationRequest, SamplingParams
+    from dspark.verifier_service.engine import VerifierEngine
+
+    tok = target.tokenizer
+    engine = VerifierEngine(target, None, max_batch_size=max_batch_size, max_model_len=max_model_len)
+    outs = engine.generate([
+        GenerationRequest(str(i), prompt_ids(tok, r), SamplingParams(
+            max_tokens=r.max_tokens, temperature=r.temperature, seed=r.seed, stop=tuple(r.stop), ignore_eos=r.ignore_eos))
+        for i, r in enumerate(reqs)])
+    return [(tok.decode(list(o.token_ids), skip_special_tokens=True), len(o.token_ids), o.finish_reason)
+            for o in (outs[str(i)] for i in range(len(reqs)))]
+
+
+def compare_to_reference(records: Sequence[RequestRecord], ref: Sequence[tuple[str, int, str]]) -> int:
+    """Records equal (text, token count, finish reason) to their reference entries."""
+    return sum(r.error is None and (r.text, r.tokens, r.finish_reason) == tuple(w) for r, w in zip(records, ref))
+
+
 def compare_sampled(first: Sequence[RequestRecord], second: Sequence[RequestRecord]) -> tuple[int, int]:
     """(pairs identical in text, token count and finish reason, pairs with an error)."""
     same = errors = 0
@@ -233,6 +260,8 @@ def render_markdown(r: LosslessResult, *, concurrency: int, what: str) -> str:
         ["mean tokens per verify step (usage.dspark)", tps],
         ["reference (plain engine, local) time (s)", f"{r.reference_seconds:.0f}"],
         ["sampled requests (temperature 0.8, one seed each), sent twice", r.sampled],
+        ["**equal to the plain engine's samples for the same seed** (text, token count, finish reason)",
+         f"**{r.sampled_as_plain}**"],
         ["**identical across the two runs**", f"**{r.sampled_identical}**"],
         ["sampled pairs with an error", r.sampled_errors],
     ]
@@ -242,7 +271,8 @@ def render_markdown(r: LosslessResult, *, concurrency: int, what: str) -> str:
            + " or none, end-of-text ignored or not (half each). Each is compared with the plain engine's greedy "
            "decoding of the same prompt ids cut by the server's stop rule (the stop string is returned; "
            "`platform/reliability/lossless.py`). The sampled requests ride along with the greedy run, then run "
-           "again alone in reverse order at concurrency 8, so their batch neighbours differ.", "",
+           "again alone in reverse order at concurrency 8, so their batch neighbours differ; both runs are compared "
+           "with the plain engine's own sampling of the same seeded requests.", "",
            markdown_table(["", "count"], rows), ""]
     if r.mismatches:
         out += ["First mismatches:", "",
@@ -280,6 +310,7 @@ def run_lossless(serve: Callable[[], Any], target: Any, *, requests: int, concur
     try:
         with tqdm(total=len(need), desc="reference (plain engine)", unit="prompt") as bar:
             refs, eos = greedy_reference(target, need, max_model_len=max_model_len, progress=bar.update)
+        sampled_ref = sampled_reference(target, extra, max_model_len=max_model_len)
     finally:
         torch.set_num_threads(threads)
     ref_s = time.perf_counter() - t0
@@ -310,6 +341,7 @@ def run_lossless(serve: Callable[[], Any], target: Any, *, requests: int, concur
     second = again[::-1]
     bad, errors, finishes = compare(cases, greedy_recs, refs, eos, tok)
     same, s_err = compare_sampled(first, second)
+    as_plain = compare_to_reference(first, sampled_ref)
     s = summarize(greedy_recs, seconds)
     kinds: dict[str, int] = {}
     for c in cases:
@@ -317,12 +349,13 @@ def run_lossless(serve: Callable[[], Any], target: Any, *, requests: int, concur
     notes = []
     if bad:
         notes.append(_recheck(target, cases, greedy_recs, bad, max_model_len))
-    if same < len(extra) - s_err:
-        notes.append("seeded samples repeat exactly only while their verify lengths repeat (rejection sampling draws "
-                     "one uniform per verified draft): policies that size them from the batch or the cluster budget, "
-                     "and fallback steps, give another sample of the same distribution (verifier_service/DESIGN.md)")
     return LosslessResult(len(cases), errors, bad, finishes, kinds, s.tokens, seconds, s.tokens_per_step,
-                          len(extra), same, s_err, ref_s, notes)
+                          len(extra), same, s_err, ref_s, sampled_as_plain=as_plain, notes=notes)
+
+
+def passed(r: LosslessResult) -> bool:
+    """No greedy mismatch, and every seeded sample equal to the plain engine's and to its repeat."""
+    return not r.mismatches and r.sampled_as_plain == r.sampled_identical == r.sampled
 
 
 def _recheck(target: Any, cases: Sequence[Case], records: Sequence[RequestRecord], bad: Sequence[Mismatch],

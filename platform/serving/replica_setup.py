@@ -83,7 +83,8 @@ def build_tp_engine(cfg: ServeConfig, *, draft_transport: Callable | None = None
     if cfg.verifier.num_gpus and not target_cfg.device.startswith("cuda"):
         target_cfg = target_cfg.model_copy(update={"device": "cuda"})
     e = cfg.engine
-    kwargs = dict(max_batch_size=e.max_batch_size, max_model_len=e.max_model_len, prefill_chunk=e.prefill_chunk, seed=e.seed)
+    kwargs = dict(max_batch_size=e.max_batch_size, max_model_len=e.max_model_len, prefill_chunk=e.prefill_chunk, seed=e.seed,
+                  reproducible_seeds=e.reproducible_seeds)
     local = remote = None
     if cfg.drafter_path is not None:
         if cfg.topology == "colocated":
@@ -133,7 +134,7 @@ def build_engine(cfg: ServeConfig, *, draft_transport: Callable | None = None, s
     pcfg = parse_policy_config(cfg.policy)
     e = cfg.engine
     engine = VerifierEngine(target, drafter, None, max_batch_size=e.max_batch_size, max_model_len=e.max_model_len,
-                            prefill_chunk=e.prefill_chunk, seed=e.seed)
+                            prefill_chunk=e.prefill_chunk, seed=e.seed, reproducible_seeds=e.reproducible_seeds)
     sps = None
     if drafter is not None and pcfg.name in ("prefix", "async") and getattr(pcfg, "sps_profile", None) is None and measure:
         sps = measure_sps(engine, repeats=3, context=min(64, engine.max_model_len // 2))

@@ -416,7 +416,10 @@ def run_static(
 ) -> dict[str, "RequestOutput"]:
     """Run requests through a fresh engine with whole-block verification (``FixedPolicy()``);
     request i samples with seed ``seed·1_000_003 + i``. The one runner evaluation, calibration
-    and trace recording share, so their numbers come from identical engine settings."""
+    and trace recording share, so their numbers come from identical engine settings. Sampled
+    rows are verified by chain rejection sampling even though they carry seeds
+    (``reproducible_seeds=False``): τ, the acceptance the confidence head is calibrated to and the
+    traces are those of rejection sampling, the paper's measure and what unseeded traffic sees."""
     from dspark.platform.contracts import GenerationRequest, SamplingParams
     from dspark.scheduler.policies import FixedPolicy
     from dspark.verifier_service.engine import VerifierEngine
@@ -424,7 +427,7 @@ def run_static(
     engine = engine or EngineConfig()
     eng = VerifierEngine(
         target, drafter, FixedPolicy(), max_batch_size=engine.max_batch_size, max_model_len=engine.max_model_len,
-        prefill_chunk=engine.prefill_chunk, seed=engine.seed, observer=observer,
+        prefill_chunk=engine.prefill_chunk, seed=engine.seed, observer=observer, reproducible_seeds=False,
     )
     return eng.generate(
         GenerationRequest(rid, tuple(int(t) for t in ids),

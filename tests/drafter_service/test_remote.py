@@ -35,10 +35,10 @@ def factory(target):
     return make
 
 
-def requests(target, n=5, temperature=0.0):
+def requests(target, n=5, temperature=0.0, seeded=True):
     ps = prompts(target.vocab_size, [5, 12, 3, 9, 7, 4, 6][:n], seed=4)
     return ps, [GenerationRequest(str(i), tuple(p), SamplingParams(max_tokens=9 + 2 * i, ignore_eos=True,
-                                                                   temperature=temperature, seed=i))
+                                                                   temperature=temperature, seed=i if seeded else None))
                 for i, p in enumerate(ps)]
 
 
@@ -69,8 +69,8 @@ def test_remote_drafts_exactly_as_local(target):
     assert remote.received_bytes <= remote.calls * 4 * 4 * (8 + 4)  # ids + confidences only
 
 
-def test_sampled_requests_get_their_draft_logits_and_repeat_with_seeds(target):
-    _, reqs = requests(target, temperature=1.0)
+def test_unseeded_sampled_requests_get_their_draft_logits_and_repeat(target):
+    _, reqs = requests(target, temperature=1.0, seeded=False)
     outs = []
     for _ in range(2):
         worker = DraftWorkerCore(factory(target))
@@ -78,7 +78,40 @@ def test_sampled_requests_get_their_draft_logits_and_repeat_with_seeds(target):
         eng, rec, out = run(target, remote, reqs)
         outs.append(out)
         assert eng.total_fallback_steps == 0 and sum(sum(r.accepted) for r in rec) > 0
-    assert outs[0] == outs[1]  # seeded requests: identical across runs
+        assert remote.received_bytes > remote.calls * 4 * target.vocab_size * 4  # [R, γ, V] float32 logits
+    assert outs[0] == outs[1]  # same engine seed and verify lengths: identical across runs
+
+
+def test_seeded_sampled_requests_draft_with_the_verifiers_noise_and_need_no_logits(target):
+    _, reqs = requests(target, temperature=1.0)
+    plain = VerifierEngine(target, None).generate(reqs)
+    local_eng, local_rec, local = run(target, factory(target)(), reqs)
+    worker = DraftWorkerCore(factory(target))
+    remote = RemoteDrafter(worker.call, 4, target.vocab_size)
+    eng, rec, out = run(target, remote, reqs)
+    assert out == local == {k: list(o.token_ids) for k, o in plain.items()}  # the target's own seeded samples
+    assert [r.accepted for r in rec] == [r.accepted for r in local_rec]  # the worker drew the local drafter's noise
+    assert eng.total_fallback_steps == 0 and sum(sum(r.accepted) for r in rec) > 0
+    assert remote.received_bytes <= remote.calls * 4 * 4 * (8 + 4)  # ids + confidences only, as for greedy
+
+
+def test_mixed_batch_through_the_worker_keeps_seeded_and_greedy_exact(target):
+    """Greedy, seeded and unseeded sampled rows in one batch: only the unseeded ones get draft
+    logits back; the matched rows verify against one-hot p_d built from their draft tokens."""
+    _, reqs = requests(target, n=6, temperature=0.9)
+    reqs = [GenerationRequest(r.request_id, r.prompt_token_ids,
+                              SamplingParams(max_tokens=r.params.max_tokens, ignore_eos=True) if i % 3 == 0 else
+                              r.params if i % 3 == 1 else
+                              SamplingParams(max_tokens=r.params.max_tokens, temperature=0.9, ignore_eos=True))
+            for i, r in enumerate(reqs)]
+    plain = VerifierEngine(target, None).generate(reqs)
+    worker = DraftWorkerCore(factory(target))
+    remote = RemoteDrafter(worker.call, 4, target.vocab_size)
+    eng, rec, out = run(target, remote, reqs)
+    exact = [r.request_id for i, r in enumerate(reqs) if i % 3 != 2]
+    assert {k: out[k] for k in exact} == {k: list(plain[k].token_ids) for k in exact}
+    assert eng.total_fallback_steps == 0 and sum(sum(r.accepted) for r in rec) > 0
+    assert all(len(out[r.request_id]) == r.params.max_tokens for r in reqs)
 
 
 def test_transport_failures_fall_back_and_retries_do_not_double_apply(target):

@@ -6,8 +6,10 @@
    which turns (0.7, 0.3) into (0.85, 0.15); ``prefix`` and ``async`` keep (0.7, 0.3).
 2. The same by Monte Carlo through the platform's rejection sampler.
 3. Chi-square through the real engine on a six-token target, with a drafter whose confidences
-   reveal its previous token (as DSpark's do, through the Markov embedding): ``prefix`` and
-   ``async`` (under a budget) pass, the unsafe search is caught (negative control).
+   reveal its previous token (as DSpark's do, through the Markov embedding), for unseeded
+   requests (chain rejection sampling): ``prefix`` and ``async`` (under a budget) pass, the unsafe
+   search is caught (negative control). Seeded requests (matching under position-keyed noise)
+   stay exact even under the unsafe search.
 """
 
 from __future__ import annotations
@@ -177,16 +179,18 @@ def exact_pair_distribution(t: FrozenTarget) -> torch.Tensor:
     return (p1[:, None, None] * p2[:, :, None] * p3).sum(0).reshape(-1)
 
 
-def run_engine(t, policy, n: int, budget: int | None = None):
+def run_engine(t, policy, n: int, budget: int | None = None, seeded: bool = False):
     """n requests of 4 tokens (the first verify step may check 2 drafts); counts of (x2, x3) and
-    every step's record."""
+    every step's record. Unseeded requests go through chain rejection sampling, where the choice
+    of verify lengths matters; seeded ones are verified by matching (position-keyed noise)."""
     # drafter seed 2: its chain differs from the target enough that the unsafe rule's bias on x2
     # is large (noncentrality ≈ 140 at n = 2000), so the negative control is far from chance
     eng = VerifierEngine(t, SignalDrafter(V, 3, seed=2), policy, max_batch_size=128)
     eng.verify_budget = budget
     records = []
     eng.add_observer(records.append)
-    reqs = [GenerationRequest(str(i), PROMPT, SamplingParams(max_tokens=4, temperature=1.0, seed=i, ignore_eos=True))
+    reqs = [GenerationRequest(str(i), PROMPT, SamplingParams(max_tokens=4, temperature=1.0, seed=i if seeded else None,
+                                                              ignore_eos=True))
             for i in range(n)]
     counts = torch.zeros(V * V)
     for o in eng.generate(reqs).values():
@@ -230,3 +234,11 @@ def test_the_engine_test_catches_the_global_search(six_token_target):
     counts, records = run_engine(six_token_target, PerRequestGlobalSearch(), N)
     assert length_histogram(records)[2] > 300
     assert max(p_values(counts, exact_pair_distribution(six_token_target))) < 1e-6
+
+
+def test_matching_makes_even_the_global_search_exact_for_seeded_requests(six_token_target):
+    """Seeded requests emit the target's own token under E(seed, n) at every position, whatever
+    was verified, so a verify-length rule cannot bias them, even one that reads the drafts."""
+    counts, records = run_engine(six_token_target, PerRequestGlobalSearch(), N, seeded=True)
+    assert length_histogram(records)[2] > 300
+    assert min(p_values(counts, exact_pair_distribution(six_token_target))) > 1e-3

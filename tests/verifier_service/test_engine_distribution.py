@@ -1,6 +1,8 @@
 """Sampling through the real engine reproduces the target's distribution (chi-square on a
 tiny-vocabulary target, with a deliberately different draft distribution), at T=1 and with
-top-k/top-p; a sabotaged verifier (drafts accepted unconditionally) is caught by the same test."""
+top-k/top-p, for seeded requests (position-keyed noise, verified by matching) and unseeded ones
+(chain rejection sampling); a sabotaged verifier (drafts accepted unconditionally) is caught by
+the same test on both paths."""
 
 from __future__ import annotations
 
@@ -50,11 +52,12 @@ def exact_pair_distribution(t: FrozenTarget, T: float, top_k: int, top_p: float)
     return joint.sum(0).reshape(-1)
 
 
-def sampled_pairs(t, n: int, T: float, top_k: int, top_p: float) -> torch.Tensor:
+def sampled_pairs(t, n: int, T: float, top_k: int, top_p: float, seeded: bool) -> torch.Tensor:
     drafter = MockDrafter(V, 3, seed=5)  # its Markov chain is unrelated to the target
     eng = VerifierEngine(t, drafter, FixedPolicy(), max_batch_size=128)
     reqs = [GenerationRequest(str(i), PROMPT, SamplingParams(max_tokens=3, temperature=T, top_k=top_k, top_p=top_p,
-                                                              seed=i, ignore_eos=True)) for i in range(n)]
+                                                              seed=i if seeded else None, ignore_eos=True))
+            for i in range(n)]
     outs = eng.generate(reqs)
     counts = torch.zeros(V * V)
     for o in outs.values():
@@ -70,20 +73,29 @@ def chi2_p(counts: torch.Tensor, expected_probs: torch.Tensor) -> float:
     return chisquare(counts[keep].numpy(), exp.numpy()).pvalue
 
 
+@pytest.mark.parametrize("seeded", [True, False], ids=["seeded", "unseeded"])
 @pytest.mark.parametrize("T,top_k,top_p", [(1.0, 0, 1.0), (0.8, 4, 0.9)])
-def test_engine_sampling_matches_target_distribution(small_vocab_target, T, top_k, top_p):
+def test_engine_sampling_matches_target_distribution(small_vocab_target, T, top_k, top_p, seeded):
     expected = exact_pair_distribution(small_vocab_target, T, top_k, top_p)
-    counts = sampled_pairs(small_vocab_target, 3000, T, top_k, top_p)
+    counts = sampled_pairs(small_vocab_target, 3000, T, top_k, top_p, seeded)
     assert chi2_p(counts, expected) > 1e-3
 
 
-def test_sabotaged_verifier_is_caught(small_vocab_target, monkeypatch):
-    real = engine_mod.rejection_sample
+@pytest.mark.parametrize("seeded", [True, False], ids=["seeded", "unseeded"])
+def test_sabotaged_verifier_is_caught(small_vocab_target, monkeypatch, seeded):
+    real_rejection, real_match = engine_mod.rejection_sample, engine_mod.greedy_verify
 
     def accept_everything(draft_tokens, draft_probs, target_probs, cu, uniforms, noise):
-        return real(draft_tokens, draft_probs, target_probs, cu, torch.zeros_like(uniforms) - 1.0, noise)
+        return real_rejection(draft_tokens, draft_probs, target_probs, cu, torch.zeros_like(uniforms) - 1.0, noise)
+
+    def match_everything(draft_tokens, target_tokens, cu):  # every draft "equals" the target's token
+        req = torch.repeat_interleave(torch.arange(cu.numel() - 1), cu.diff())
+        forged = target_tokens.clone()
+        forged[torch.arange(draft_tokens.numel()) + req] = draft_tokens
+        return real_match(draft_tokens, forged, cu)
 
     monkeypatch.setattr(engine_mod, "rejection_sample", accept_everything)
+    monkeypatch.setattr(engine_mod, "greedy_verify", match_everything)
     expected = exact_pair_distribution(small_vocab_target, 1.0, 0, 1.0)
-    counts = sampled_pairs(small_vocab_target, 3000, 1.0, 0, 1.0)
+    counts = sampled_pairs(small_vocab_target, 3000, 1.0, 0, 1.0, seeded)
     assert chi2_p(counts, expected) < 1e-6

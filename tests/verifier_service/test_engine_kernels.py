@@ -105,20 +105,30 @@ def test_greedy_requests_match_the_reference(demo, launches, kind_id):
 
 @pytest.mark.parametrize("kind_id", ["dspark-vanilla", "dspark-gated"])
 def test_seeded_sampled_requests_match_the_reference(demo, launches, kind_id):
-    # a greedy request in the batch takes the sampling path too (one-hot rows)
+    # seeded rows are verified by matching (position-keyed noise): the greedy kernel, never rejection
     params = [sampled(10, 1.0, 11), sampled(8, 0.7, 12), greedy(9), sampled(12, 1.5, 13)]
+    want, accepted = run(demo, kind_id, params, "reference")
+    got, accepted_triton = run(demo, kind_id, params, "triton")
+    assert got == want and accepted_triton == accepted and accepted > 0
+    assert launches["greedy_verify"] > 0 and launches["rejection_sample"] == 0
+
+
+@pytest.mark.parametrize("kind_id", ["dspark-vanilla", "dspark-gated"])
+def test_unseeded_and_mixed_sampled_requests_match_the_reference(demo, launches, kind_id):
+    # unseeded rows take chain rejection sampling; the greedy and seeded rows of the batch enter it as one-hot rows
+    params = [sampled(10, 1.0, None), sampled(8, 0.7, 12), greedy(9), sampled(12, 1.5, None)]
     want, accepted = run(demo, kind_id, params, "reference")
     got, accepted_triton = run(demo, kind_id, params, "triton")
     assert got == want and accepted_triton == accepted
     assert accepted > 0  # accepted prefixes and bonus tokens went through the kernel, not only rejections
-    # (greedy_verify may run too: once the sampled requests finish, the batch left is all greedy)
+    # (greedy_verify may run too: once the unseeded requests finish, the batch left is all matched)
     assert launches["rejection_sample"] > 0
 
 
 def test_top_k_top_p_requests_match_the_reference(demo, launches):
     # p_t / p_d are filtered before the rejection kernel; the Markov kernel steps aside for any
     # batch with a filtered request (every request is filtered here, so it never runs)
-    params = [sampled(9, 1.0, 21, top_k=20), sampled(9, 1.2, 22, top_p=0.9), sampled(9, 0.8, 23, top_k=50, top_p=0.95)]
+    params = [sampled(9, 1.0, None, top_k=20), sampled(9, 1.2, 22, top_p=0.9), sampled(9, 0.8, None, top_k=50, top_p=0.95)]
     want, _ = run(demo, "dspark-vanilla", params, "reference")
     got, _ = run(demo, "dspark-vanilla", params, "triton")
     assert got == want

@@ -11,9 +11,10 @@ makes (``append_context``, ``reset_slot``, ``move_slot``, ``truncate``, ``contex
 come in the same order on every rank, so each call is one ``broadcast_object_list`` over the
 group's process group (gloo on CPU, nccl on GPU).
 
-Random streams: ``RemoteDrafter.propose`` draws one seed per sampled row from the request's
-generator before anything else; followers draw the same (``row_seeds``), so the per-request
-generators stay identical across ranks and so do the uniforms of rejection sampling.
+Random streams: ``RemoteDrafter.propose`` draws one seed per unseeded sampled row from the
+request's generator before anything else; followers draw the same (``row_seeds``), so the
+per-request generators stay identical across ranks and so do the uniforms of rejection sampling.
+Seeded rows draw nothing: their noise is position-keyed, the same on every rank.
 """
 
 from __future__ import annotations

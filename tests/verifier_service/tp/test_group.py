@@ -1,6 +1,6 @@
 """The tensor-parallel replica on real Ray: a TP=2 ``TPGroup`` (two rank actors, gloo) emits the
-same outputs, step for step, as a plain TP=1 engine for a batch of mixed greedy and seeded
-requests with a colocated drafter, through joins, a rejection, an abort and a verify budget;
+same outputs, step for step, as a plain TP=1 engine for a batch of mixed greedy, seeded and
+unseeded sampled requests with a colocated drafter, through joins, a rejection, an abort and a verify budget;
 ``shutdown`` leaves no actor and no placement group. A rank dying surfaces as an error from
 ``step()``, not a hang. The consistency check itself is tested without Ray."""
 
@@ -64,8 +64,9 @@ def requests(vocab: int) -> list[GenerationRequest]:
     ps = prompts(vocab, [6, 19, 2, 11, 8], seed=5)
     out = []
     for i, p in enumerate(ps):
-        sp = (SamplingParams(max_tokens=12 + i, ignore_eos=True) if i % 2 == 0 else
-              SamplingParams(max_tokens=12 + i, temperature=0.9, top_p=0.95, seed=40 + i, ignore_eos=True))
+        sp = (SamplingParams(max_tokens=12 + i, ignore_eos=True) if i % 2 == 0 else  # greedy, seeded, unseeded
+              SamplingParams(max_tokens=12 + i, temperature=0.9, top_p=0.95, seed=40 + i if i == 1 else None,
+                             ignore_eos=True))
         out.append(GenerationRequest(f"q{i}", tuple(p), sp))
     return out
 
